@@ -1,0 +1,1 @@
+"""Load-testing helpers for llm-sidecar: a fast, deterministic mock OpenAI upstream."""

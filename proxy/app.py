@@ -1,0 +1,135 @@
+"""Builds the aiohttp Application: components, routes and their lifecycle.
+
+The app owns every long-lived object (upstream pool, pipeline, health
+registry); they are created here, started and stopped by the cleanup context,
+and reachable through typed app keys. Nothing is global.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import SidecarConfig
+from proxy.health import Health, HealthRegistry, State
+from proxy.passthrough import Passthrough
+from proxy.pipeline import Pipeline, default_stages
+from proxy.upstream import Upstream
+from proxy.wire import errors
+from proxy.wire.canonical import Endpoint
+
+log = logging.getLogger("proxy.app")
+
+CONFIG = web.AppKey("config", SidecarConfig)
+UPSTREAM = web.AppKey("upstream", Upstream)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+HEALTH = web.AppKey("health", HealthRegistry)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn a sidecar bug into a logged OpenAI-style 500 instead of aiohttp's text page."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ConnectionResetError:
+            raise  # the client left; nothing to answer
+        except Exception:
+            log.exception("internal error on %s %s", request.method, request.rel_url.path)
+            return errors.internal_error()
+
+    return wrapper
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc),
+                        content_type="application/json")
+
+
+class _Lifecycle:
+    """Tracks start time and shutdown, for /status and readiness."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.stopping = False
+
+    async def health(self) -> Health:
+        if self.stopping:
+            return Health(State.DOWN, "shutting down")
+        return Health(State.OK, "", {"uptime_s": round(time.time() - self.started, 1)})
+
+
+def build_app(cfg: SidecarConfig) -> web.Application:
+    """Create the sidecar application for ``cfg`` (not started)."""
+    app = web.Application(client_max_size=cfg.server.max_body_bytes)
+    upstream = Upstream(cfg.upstream)
+    pipeline = Pipeline(cfg, upstream, default_stages(cfg))
+    passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes)
+    health = HealthRegistry()
+    lifecycle = _Lifecycle()
+    app[CONFIG] = cfg
+    app[UPSTREAM] = upstream
+    app[PIPELINE] = pipeline
+    app[HEALTH] = health
+
+    async def config_health() -> Health:
+        return Health(State.OK, "", {"source": cfg.source})
+
+    health.register("process", lifecycle.health, critical=True)
+    health.register("config", config_health, critical=True)
+    health.register("upstream", upstream.health, critical=True)
+
+    async def components(app: web.Application) -> AsyncIterator[None]:
+        await upstream.start()
+        log.info("upstream pool open for %s", upstream.host)
+        yield
+        await pipeline.drain(cfg.server.shutdown_timeout_s)
+        await upstream.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        lifecycle.stopping = True
+
+    app.cleanup_ctx.append(components)
+    app.on_shutdown.append(on_shutdown)
+
+    def intercepted(endpoint: Endpoint) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await pipeline.handle(request, endpoint)
+        return _guarded(handle)
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return _json({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.StreamResponse:
+        await health.check_all()
+        ready, reasons = health.ready()
+        if ready:
+            return _json({"status": "ready"})
+        return _json({"status": "not ready", "reasons": reasons}, status=503)
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        await health.check_all()
+        doc = health.snapshot()
+        doc["version"] = __version__
+        return _json(doc)
+
+    async def unknown(request: web.Request) -> web.StreamResponse:
+        return errors.not_found(request.method, request.rel_url.path)
+
+    for endpoint in Endpoint:
+        app.router.add_post("/v1" + endpoint.value, intercepted(endpoint))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_route("*", "/v1/{tail:.*}", _guarded(passthrough.handle))
+    app.router.add_route("*", "/{tail:.*}", unknown)
+    return app

@@ -1,0 +1,105 @@
+"""Command line: ``llm-sidecar serve | demo | check-config | version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from proxy import __version__
+from proxy.config import ConfigError, SidecarConfig, describe_defaults, load_config
+
+EXIT_BAD_CONFIG = 2
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, just slower
+        return None
+    return uvloop.new_event_loop
+
+
+def run(coro: Coroutine[Any, Any, int | None]) -> int | None:
+    """Run a coroutine on uvloop when it is installed."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coro)
+
+
+def _load(path: str | None) -> SidecarConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"llm-sidecar: invalid configuration ({len(exc.problems)} problem"
+              f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy import logs
+    from proxy.app import build_app
+    from proxy.server import serve_forever
+
+    cfg = _load(args.config)
+    server = cfg.server
+    if args.host is not None:
+        server = dataclasses.replace(server, host=args.host)
+    if args.port is not None:
+        server = dataclasses.replace(server, port=args.port)
+    cfg = dataclasses.replace(cfg, server=server)
+    if args.upstream is not None:
+        cfg = dataclasses.replace(cfg, upstream=dataclasses.replace(
+            cfg.upstream, base_url=args.upstream))
+    logs.configure(cfg.logging.level, cfg.logging.format)
+    run(serve_forever(build_app(cfg), cfg))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.file)
+    print(f"{cfg.source}: OK (upstream {cfg.upstream.base_url}, "
+          f"listen {cfg.server.host}:{cfg.server.port})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run(run_demo(requests=args.requests, concurrency=args.concurrency)) or 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``llm-sidecar`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="llm-sidecar",
+        description="Transparent OpenAI-compatible sidecar proxy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the sidecar")
+    p.add_argument("--config", "-c", help="YAML config file (default $SIDECAR_CONFIG)")
+    p.add_argument("--host", help="listen address (overrides server.host)")
+    p.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    p.add_argument("--upstream", help="upstream base URL (overrides upstream.base_url)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit",
+                       epilog="Settings and defaults:\n\n" + describe_defaults(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("demo", help="run mock upstream + sidecar and an agent workload")
+    p.add_argument("--requests", type=int, default=120, help="agent turns to run")
+    p.add_argument("--concurrency", type=int, default=8, help="agents running at once")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=lambda _a: print(__version__) or 0)
+
+    args = parser.parse_args(argv)
+    raise SystemExit(args.func(args))

@@ -1,0 +1,334 @@
+"""Typed settings: a YAML file plus ``SIDECAR_*`` environment overrides, validated at start.
+
+Every setting is a field of a frozen dataclass below, with its default, and an
+optional ``meta`` bound. The loader walks the YAML mapping against those
+dataclasses, so an error can always be reported by its path
+(``upstream.read_timeout_s: must be > 0, got -1``) and an unknown key is named
+together with the closest known one.
+
+Environment overrides use ``SIDECAR_<SECTION>__<KEY>`` (double underscore
+between levels), e.g. ``SIDECAR_UPSTREAM__BASE_URL``. Values are parsed as YAML
+scalars, so ``SIDECAR_SERVER__PORT=9000`` is an int. ``SIDECAR_CONFIG`` names the
+config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from yarl import URL
+
+ENV_PREFIX = "SIDECAR_"
+CONFIG_FILE_ENV = "SIDECAR_CONFIG"
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """Raised with every problem found in a configuration, each named by its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _meta(doc: str, *, gt: float | None = None, ge: float | None = None,
+          choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"doc": doc, "gt": gt, "ge": ge, "choices": choices}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the sidecar listens and what it accepts from its agent."""
+
+    host: str = field(default="127.0.0.1", metadata=_meta(
+        "Listen address. A sidecar serves only its own pod, so loopback by default."))
+    port: int = field(default=8080, metadata=_meta("Listen port (0 picks a free one).", ge=0))
+    max_body_bytes: int = field(default=32 * MiB, metadata=_meta(
+        "Largest JSON body accepted on an intercepted endpoint (413 above).", gt=0))
+    max_passthrough_body_bytes: int = field(default=512 * MiB, metadata=_meta(
+        "Largest body relayed on other /v1/ paths (file uploads); streamed, never buffered.",
+        gt=0))
+    access_log: bool = field(default=False, metadata=_meta(
+        "Log one line per request (off by default: it costs CPU on the hot path)."))
+    shutdown_timeout_s: float = field(default=15.0, metadata=_meta(
+        "On SIGTERM, how long in-flight requests may take to finish.", ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """The one provider endpoint requests are relayed to, and how."""
+
+    base_url: str = field(default="https://api.openai.com/v1", metadata=_meta(
+        "Base URL of the OpenAI-compatible API; a client path /v1/X goes to base_url + /X."))
+    api_key: str | None = field(default=None, repr=False, metadata=_meta(
+        "If set, replaces the agent's Authorization header (agents never hold the key). "
+        "Prefer api_key_env or SIDECAR_UPSTREAM__API_KEY over writing it in a file."))
+    api_key_env: str | None = field(default=None, metadata=_meta(
+        "Name of an environment variable holding the upstream key."))
+    connect_timeout_s: float = field(default=10.0, metadata=_meta(
+        "TCP + TLS connect timeout.", gt=0))
+    pool_timeout_s: float = field(default=30.0, metadata=_meta(
+        "Longest wait for a free pooled connection (includes connecting).", gt=0))
+    read_timeout_s: float = field(default=600.0, metadata=_meta(
+        "Longest silence from upstream before the response head or between body reads.", gt=0))
+    stream_idle_timeout_s: float = field(default=300.0, metadata=_meta(
+        "Longest silence between two events of a streamed response.", gt=0))
+    total_timeout_s: float | None = field(default=None, metadata=_meta(
+        "Cap on a whole upstream exchange (null: none; streams can be long).", gt=0))
+    max_connections: int = field(default=512, metadata=_meta(
+        "Upstream connections open at once; further requests wait for one.", gt=0))
+    keepalive_timeout_s: float = field(default=30.0, metadata=_meta(
+        "How long an idle pooled connection is kept.", gt=0))
+    inject_stream_usage: bool = field(default=True, metadata=_meta(
+        "Ask upstream for the usage chunk on streams (hidden again from clients "
+        "that did not ask for it), so token counts are known."))
+
+    def resolved_api_key(self) -> str | None:
+        """The upstream key to send, from ``api_key`` or the variable ``api_key_env`` names."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """How a request is attributed to a namespace, tenant and agent."""
+
+    namespace: str = field(
+        default_factory=lambda: os.environ.get("POD_NAMESPACE", "default"),
+        metadata=_meta("Namespace this sidecar serves (default $POD_NAMESPACE)."))
+    agent_header: str = field(default="x-agent-id", metadata=_meta(
+        "Request header naming the agent."))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Process log settings. Keys and prompts are never logged whatever the level."""
+
+    level: str = field(default="info", metadata=_meta(
+        "Log level.", choices=("debug", "info", "warning", "error")))
+    format: str = field(default="text", metadata=_meta(
+        "Log line format.", choices=("text", "json")))
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """The whole configuration. ``source`` records where it came from, for /status."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="embedded defaults", compare=False,
+                        metadata=_meta("(set by the loader)"))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Load and validate settings from ``path`` (or ``$SIDECAR_CONFIG``) and the environment.
+
+    Raises ConfigError listing every problem by key path.
+    """
+    env = os.environ if environ is None else environ
+    if path is None and env.get(CONFIG_FILE_ENV):
+        path = env[CONFIG_FILE_ENV]
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        source = str(path)
+    problems: list[str] = []
+    _apply_env(data, env, problems)
+    data.pop("source", None)
+    cfg: SidecarConfig | None = _build(SidecarConfig, data, "", problems)
+    if cfg is not None:
+        _check_semantics(cfg, problems)
+    if problems or cfg is None:
+        raise ConfigError(problems or ["configuration is invalid"])
+    return dataclasses.replace(cfg, source=source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping, got {_kind(loaded)}"])
+    return loaded
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            problems.append(f"{name}: malformed override name (use SIDECAR_SECTION__KEY)")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{name}: '{part}' is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+
+
+def _build(cls: type[Any], data: Any, path: str, problems: list[str]) -> Any:
+    where = path or "(top level)"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: must be a mapping, got {_kind(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key_path}: unknown key{hint}")
+            continue
+        f = fields[key]
+        converted = _convert(hints[key], value, key_path, problems)
+        if converted is _INVALID:
+            continue
+        if _check_bounds(f.metadata, converted, key_path, problems):
+            kwargs[key] = converted
+    # Invalid keys fall back to defaults so that sibling sections still get checked.
+    return cls(**kwargs)
+
+
+_INVALID = object()
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, problems)
+    if dataclasses.is_dataclass(tp):
+        built = _build(tp, value, path, problems)  # type: ignore[arg-type]
+        return _INVALID if built is None else built
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{path}: must be {_type_name(tp)}, got {_kind(value)}")
+    return _INVALID
+
+
+def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, problems: list[str]) -> bool:
+    if value is None:
+        return True
+    gt, ge, choices = meta.get("gt"), meta.get("ge"), meta.get("choices")
+    if gt is not None and not value > gt:
+        problems.append(f"{path}: must be > {gt}, got {value}")
+        return False
+    if ge is not None and not value >= ge:
+        problems.append(f"{path}: must be >= {ge}, got {value}")
+        return False
+    if choices is not None and value not in choices:
+        problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
+        return False
+    return True
+
+
+def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
+    try:
+        url = URL(cfg.upstream.base_url)
+    except (ValueError, TypeError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        problems.append(f"upstream.base_url: must be an http(s) URL with a host, "
+                        f"got {cfg.upstream.base_url!r}")
+    elif url.query_string or url.fragment:
+        problems.append("upstream.base_url: must not carry a query or fragment")
+    if cfg.upstream.api_key_env and not cfg.upstream.api_key \
+            and not os.environ.get(cfg.upstream.api_key_env):
+        problems.append(f"upstream.api_key_env: environment variable "
+                        f"{cfg.upstream.api_key_env} is not set or empty")
+    if not cfg.identity.agent_header.strip():
+        problems.append("identity.agent_header: must not be empty")
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value[:40]!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def describe_defaults() -> str:
+    """A commented YAML rendering of every setting with its default, for docs and --help."""
+    lines: list[str] = []
+    defaults = SidecarConfig()
+    for section in dataclasses.fields(SidecarConfig):
+        if section.name == "source":
+            continue
+        lines.append(f"{section.name}:")
+        sub = getattr(defaults, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            shown = "null" if value is None else yaml.safe_dump(value).strip().removesuffix("...")
+            lines.append(f"  # {f.metadata.get('doc', '')}")
+            lines.append(f"  {f.name}: {shown.strip()}")
+    return "\n".join(lines) + "\n"

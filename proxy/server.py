@@ -1,0 +1,55 @@
+"""Runs an Application on a TCP port with the sidecar's server settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from proxy.config import SidecarConfig
+
+
+@contextlib.asynccontextmanager
+async def running(app: web.Application, cfg: SidecarConfig,
+                  port: int | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` while the context is open; yields its base URL (``http://host:port``).
+
+    Handlers are cancelled when their client disconnects, which is how an
+    abandoned stream stops the upstream request at once.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True,
+                           access_log=access_logger if cfg.server.access_log else None,
+                           shutdown_timeout=cfg.server.shutdown_timeout_s)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.server.host,
+                           cfg.server.port if port is None else port, backlog=1024)
+        await site.start()
+        bound_port = runner.addresses[0][1]
+        host = cfg.server.host
+        shown = f"[{host}]" if ":" in host else host
+        yield f"http://{shown}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+log = logging.getLogger("proxy.server")
+
+
+async def serve_forever(app: web.Application, cfg: SidecarConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then drain in-flight requests and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with running(app, cfg) as url:
+        log.info("llm-sidecar listening on %s/v1 (upstream %s)", url, cfg.upstream.base_url)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests (up to %.0fs)",
+                 cfg.server.shutdown_timeout_s)

@@ -1,0 +1,285 @@
+"""The upstream API: one pooled ClientSession, timeouts, relays, and their failure modes.
+
+The session is opened and closed by the app's lifecycle, never per request.
+It does not decompress, so pass-through bodies reach the client byte for byte;
+intercepted calls ask upstream for ``identity`` encoding because the sidecar
+reads those bodies.
+
+A client that goes away cancels its handler (the server runs with handler
+cancellation), and every relay here closes the upstream connection on the way
+out unless the exchange completed, so the provider sees the cancellation at
+once and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import UpstreamConfig
+from proxy.health import Health, State
+from proxy.wire import errors
+from proxy.wire.headers import client_response_headers
+from proxy.wire.sse import SSESplitter, StreamTap
+
+log = logging.getLogger("proxy.upstream")
+
+_SSE_TYPE = "text/event-stream"
+_READ_SIZE = 2 ** 16
+# Outcomes remembered for the error-rate part of health.
+_WINDOW = 200
+_DEGRADED_ERROR_RATE = 0.5
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed before a response could be relayed."""
+
+    def __init__(self, response: web.Response, kind: str) -> None:
+        super().__init__(kind)
+        self.response = response
+        self.kind = kind
+
+
+class Upstream:
+    """A configured upstream API and the connection pool that reaches it."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.api_key = cfg.resolved_api_key()
+        base = cfg.base_url.rstrip("/")
+        self._base = base
+        url = URL(base)
+        self.host = url.host or ""
+        self.port = url.port
+        self._session: aiohttp.ClientSession | None = None
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=_WINDOW)
+        self.requests = 0
+        self.failures = 0
+        self.last_failure: str | None = None
+        self.last_failure_at: float | None = None
+        # aiohttp's socket read timeout already bounds silence; a second,
+        # per-event timer is only needed when the stream idle limit is tighter.
+        self._idle_timeout = (cfg.stream_idle_timeout_s
+                              if cfg.stream_idle_timeout_s < cfg.read_timeout_s else None)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the pooled session (called once by the app's cleanup context)."""
+        cfg = self.cfg
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_connections, limit_per_host=0,
+            keepalive_timeout=cfg.keepalive_timeout_s, ttl_dns_cache=300,
+            enable_cleanup_closed=False)
+        timeout = aiohttp.ClientTimeout(
+            total=cfg.total_timeout_s, connect=cfg.pool_timeout_s,
+            sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False,
+            # Relay what the client sent, add nothing it did not.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            raise_for_status=False, trust_env=False)
+
+    async def close(self) -> None:
+        """Close the pool; in-flight exchanges are over by the time the app stops."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether requests can be sent (the pool exists and is not closed)."""
+        return self._session is not None and not self._session.closed
+
+    def url(self, tail: str) -> URL:
+        """The upstream URL for a client path below /v1 (``tail`` keeps its query, encoded).
+
+        Only the configured base decides scheme, host and port.
+        """
+        return URL(self._base + tail, encoded=True)
+
+    # ------------------------------------------------------------ exchange
+
+    async def send(self, method: str, url: URL, headers: CIMultiDict[str],
+                   data: Any) -> aiohttp.ClientResponse:
+        """Send a request and return the response once its head has arrived.
+
+        Raises UpstreamError carrying the OpenAI-style error to return instead.
+        """
+        session = self._session
+        if session is None or session.closed:
+            raise UpstreamError(errors.upstream_unreachable(), "session_closed")
+        try:
+            resp = await session.request(method, url, headers=headers, data=data,
+                                         allow_redirects=False)
+        except aiohttp.ClientConnectorError as exc:
+            raise self._failed(errors.upstream_unreachable(), "connect_error", exc) from None
+        except TimeoutError as exc:
+            # ConnectionTimeoutError (pool wait or connect) is a TimeoutError too.
+            what = ("no connection in time" if isinstance(exc, aiohttp.ConnectionTimeoutError)
+                    else "no response in time")
+            raise self._failed(errors.upstream_timeout(what), "timeout", exc) from None
+        except aiohttp.ServerDisconnectedError as exc:
+            raise self._failed(errors.upstream_failed("server closed the connection"),
+                               "disconnected", exc) from None
+        except aiohttp.ClientError as exc:
+            raise self._failed(errors.upstream_failed(type(exc).__name__),
+                               "client_error", exc) from None
+        self.requests += 1
+        self._outcomes.append(resp.status < 500)
+        return resp
+
+    def _failed(self, response: web.Response, kind: str, exc: BaseException) -> UpstreamError:
+        self.requests += 1
+        self.failures += 1
+        self._outcomes.append(False)
+        self.last_failure = kind
+        self.last_failure_at = time.time()
+        log.warning("upstream %s: %s (%s)", kind, type(exc).__name__, self.host)
+        return UpstreamError(response, kind)
+
+    async def read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Read a whole (non-streamed) response body, mapping failures to UpstreamError."""
+        try:
+            return await resp.read()
+        except TimeoutError as exc:
+            resp.close()
+            raise self._failed(errors.upstream_timeout("response body stalled"),
+                               "timeout", exc) from None
+        except aiohttp.ClientError as exc:
+            resp.close()
+            raise self._failed(errors.upstream_failed("response body cut short"),
+                               "body_error", exc) from None
+
+    # ------------------------------------------------------------ relays
+
+    @staticmethod
+    def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+        """Whether the upstream answered with server-sent events."""
+        return resp.content_type == _SSE_TYPE
+
+    async def relay_events(self, request: web.Request, resp: aiohttp.ClientResponse,
+                           tap: StreamTap, on_head: Callable[[CIMultiDict[str]], None],
+                           ) -> web.StreamResponse:
+        """Relay an SSE response event by event, each flushed as soon as it is complete.
+
+        ``on_head`` may add headers just before they are sent. The tap sees
+        every event and may rewrite or drop it.
+        """
+        headers = client_response_headers(resp.headers)
+        on_head(headers)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        splitter = SSESplitter()
+        complete = False
+        try:
+            await out.prepare(request)
+            async for data in self._chunks(resp):
+                batch = [e for e in map(tap.process, splitter.feed(data)) if e is not None]
+                if batch:
+                    await out.write(batch[0] if len(batch) == 1 else b"".join(batch))
+            complete = True
+            tail = splitter.remainder()
+            if tail:  # an unterminated last event is still the upstream's bytes
+                await out.write(tail)
+            await out.write_eof()
+        except ConnectionResetError:
+            log.info("client went away mid-stream; upstream request cancelled")
+        except UpstreamError as exc:
+            await self._stream_failed(out, exc.kind)
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+        return out
+
+    async def relay_bytes(self, request: web.Request, resp: aiohttp.ClientResponse,
+                          on_head: Callable[[CIMultiDict[str]], None]) -> web.StreamResponse:
+        """Relay any response as it arrives, byte for byte (pass-through routes)."""
+        headers = client_response_headers(resp.headers, keep_content_length=True)
+        on_head(headers)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        complete = False
+        try:
+            await out.prepare(request)
+            async for data in self._chunks(resp):
+                await out.write(data)
+            complete = True
+            await out.write_eof()
+        except ConnectionResetError:
+            log.info("client went away mid-download; upstream request cancelled")
+        except UpstreamError as exc:
+            # Headers are gone; the only honest signal left is a broken connection.
+            log.warning("upstream body failed mid-relay (%s); closing client connection",
+                        exc.kind)
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+        return out
+
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        content = resp.content
+        idle = self._idle_timeout
+        read: Callable[[], Awaitable[bytes]] = content.readany
+        try:
+            while True:
+                if idle is None:
+                    data = await read()
+                else:
+                    async with asyncio.timeout(idle):
+                        data = await read()
+                if not data:
+                    return
+                yield data
+        except TimeoutError as exc:
+            raise self._failed(errors.upstream_timeout("stream idle"), "stream_idle", exc) \
+                from None
+        except aiohttp.ClientError as exc:
+            raise self._failed(errors.upstream_failed("stream cut short"), "stream_error",
+                               exc) from None
+
+    @staticmethod
+    async def _stream_failed(out: web.StreamResponse, kind: str) -> None:
+        # An SSE client cannot get a status code any more; an error event makes
+        # the OpenAI SDKs raise instead of silently ending a truncated answer.
+        event = b"data: " + errors.error_body(
+            "The upstream stream failed before it completed.", "upstream_error",
+            f"upstream_{kind}") + b"\n\n"
+        try:
+            await out.write(event)
+            await out.write_eof()
+        except ConnectionResetError:
+            pass
+
+    # ------------------------------------------------------------ health
+
+    async def health(self) -> Health:
+        """Pool open and recent error rate (passive: no probe traffic upstream)."""
+        details: dict[str, Any] = {
+            "base_url": self._base, "requests": self.requests, "failures": self.failures,
+            "last_failure": self.last_failure, "last_failure_at": self.last_failure_at,
+        }
+        if not self.is_open:
+            return Health(State.DOWN, "upstream session is not open", details)
+        window = self._outcomes
+        if len(window) >= 20:
+            rate = 1 - sum(window) / len(window)
+            details["error_rate"] = round(rate, 3)
+            if rate >= _DEGRADED_ERROR_RATE:
+                return Health(State.DEGRADED,
+                              f"{rate:.0%} of the last {len(window)} upstream calls failed",
+                              details)
+        return Health(State.OK, "", details)

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: canonical requests, SSE, usage, error bodies, header rules."""

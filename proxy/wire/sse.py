@@ -1,0 +1,129 @@
+"""Server-sent events: split a byte stream into events and watch them for usage.
+
+The relay forwards events exactly as received. The only rewrite is hiding the
+usage the sidecar asked for on a client's behalf (``include_usage`` injected):
+that client must see the stream it would have seen without the sidecar.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.wire.canonical import Endpoint
+from proxy.wire.usage import Usage
+
+_LF2 = b"\n\n"
+_CRLF2 = b"\r\n\r\n"
+_DONE = b"[DONE]"
+# OpenAI serializes chunks compactly with usage as the last key: the common
+# case is then a byte-level removal, with a JSON round trip as the fallback.
+_USAGE_NULL_TAIL = b',"usage":null}\n\n'
+
+
+class SSESplitter:
+    """Incremental splitter: feed it reads, get back whole events (separator included)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data`` and return the events it completes, in order."""
+        buf = self._buf + data if self._buf else data
+        events: list[bytes] = []
+        start = 0
+        crlf = b"\r" in buf
+        while True:
+            end = buf.find(_LF2, start)
+            sep = 2
+            if crlf:
+                alt = buf.find(_CRLF2, start)
+                if alt != -1 and (end == -1 or alt < end):
+                    end, sep = alt, 4
+            if end == -1:
+                break
+            events.append(buf[start:end + sep])
+            start = end + sep
+        self._buf = buf[start:] if start < len(buf) else b""
+        return events
+
+    def remainder(self) -> bytes:
+        """Bytes received after the last complete event (a stream cut short)."""
+        return self._buf
+
+
+def event_data(event: bytes) -> bytes:
+    """The joined ``data:`` lines of one event ("" if none)."""
+    if event.startswith(b"data: ") and event.count(b"\n") <= 2 and b"\r" not in event:
+        return event[6:].rstrip(b"\n")
+    parts = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts)
+
+
+class StreamTap:
+    """Watches a streamed response: records usage and completion, hides injected usage.
+
+    ``hide_usage`` is set when the sidecar added ``include_usage`` itself: the
+    usage-only chunk is dropped and the ``"usage": null`` fields it caused are
+    removed from every other chunk.
+    """
+
+    __slots__ = ("done", "endpoint", "events", "hide_usage", "usage")
+
+    def __init__(self, endpoint: Endpoint, hide_usage: bool) -> None:
+        self.endpoint = endpoint
+        self.hide_usage = hide_usage
+        self.usage: Usage | None = None
+        self.done = False
+        self.events = 0
+
+    def process(self, event: bytes) -> bytes | None:
+        """Return the event to relay (possibly rewritten), or None to drop it."""
+        self.events += 1
+        if self.endpoint is Endpoint.RESPONSES:
+            if b'"response.completed"' in event:
+                self.done = True
+                doc = _loads(event_data(event))
+                if doc is not None and isinstance(doc.get("response"), dict):
+                    self.usage = Usage.from_openai(doc["response"].get("usage"))
+            return event
+        if b'"usage"' not in event:
+            if _DONE in event and event_data(event) == _DONE:
+                self.done = True
+            return event
+        if not self.hide_usage:
+            if b'"usage":null' not in event:
+                doc = _loads(event_data(event))
+                if doc is not None:
+                    self.usage = Usage.from_openai(doc.get("usage")) or self.usage
+            return event
+        if event.endswith(_USAGE_NULL_TAIL):
+            return event[:-len(_USAGE_NULL_TAIL)] + b"}\n\n"
+        return self._rewrite(event)
+
+    def _rewrite(self, event: bytes) -> bytes | None:
+        doc = _loads(event_data(event))
+        if doc is None or "usage" not in doc:
+            return event
+        usage = doc.pop("usage")
+        if usage is None:
+            return b"data: " + orjson.dumps(doc) + b"\n\n"
+        self.usage = Usage.from_openai(usage)
+        if doc.get("choices") == []:
+            return None  # the usage-only chunk the client never asked for
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -1,0 +1,122 @@
+"""Shared harness: real aiohttp servers (mock upstream, sidecar) on loopback ports.
+
+The servers run on an event loop in a background thread, so tests can drive
+them with the synchronous openai SDK, or with the async SDK on their own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import openai
+import pytest
+
+from loadtest.mock_upstream import MockConfig, MockUpstream
+from proxy.app import build_app
+from proxy.config import ServerConfig, SidecarConfig, UpstreamConfig
+from proxy.server import running
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; ``call`` runs a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@dataclasses.dataclass
+class Mock:
+    server: MockUpstream
+    url: str  # base URL, ends in /v1
+
+
+@pytest.fixture(scope="session")
+def mock(loop_thread: LoopThread) -> Iterator[Mock]:
+    server = MockUpstream(MockConfig())
+    url = loop_thread.call(server.start())
+    yield Mock(server, url)
+    loop_thread.call(server.stop())
+
+
+class SidecarFactory:
+    """Starts sidecars with a given config on the loop thread; stops them all at the end."""
+
+    def __init__(self, loop_thread: LoopThread, mock: Mock) -> None:
+        self.lt = loop_thread
+        self.mock = mock
+        self.stack = AsyncExitStack()
+
+    def start(self, *, upstream: UpstreamConfig | None = None,
+              server: ServerConfig | None = None, **sections: Any) -> str:
+        """Start a sidecar and return its OpenAI base URL (``http://127.0.0.1:PORT/v1``)."""
+        cfg = SidecarConfig(
+            server=server or ServerConfig(port=0),
+            upstream=upstream or UpstreamConfig(base_url=self.mock.url),
+            **sections)
+
+        async def go() -> str:
+            url: str = await self.stack.enter_async_context(
+                running(build_app(cfg), cfg, port=0))
+            return url + "/v1"
+
+        return self.lt.call(go())
+
+    def close(self) -> None:
+        self.lt.call(self.stack.aclose())
+
+
+@pytest.fixture(scope="session")
+def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
+    factory = SidecarFactory(loop_thread, mock)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def sidecar(sidecars: SidecarFactory) -> str:
+    """The default sidecar (embedded defaults, upstream = mock)."""
+    return sidecars.start()
+
+
+@pytest.fixture
+def client(sidecar: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=sidecar, api_key="sk-test-client", max_retries=0,
+                       timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+def direct(mock: Mock) -> Iterator[openai.OpenAI]:
+    """A client talking to the mock directly: what the agent would see without the sidecar."""
+    with openai.OpenAI(base_url=mock.url, api_key="sk-test-client", max_retries=0,
+                       timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+def run_async() -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Run a coroutine on a fresh loop in the test thread (for AsyncOpenAI tests)."""
+    return asyncio.run
