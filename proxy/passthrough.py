@@ -20,6 +20,27 @@ class BodyTooLarge(Exception):
     """A chunked upload went past the pass-through limit."""
 
 
+class _BoundedBody:
+    """A request body of unknown length, streamed upstream until it passes the limit."""
+
+    __slots__ = ("content", "exceeded", "limit")
+
+    def __init__(self, content: StreamReader, limit: int) -> None:
+        self.content = content
+        self.limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_any():
+            seen += len(chunk)
+            if seen > self.limit:
+                # The client library only sees the upload fail; the flag says why.
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk
+
+
 class Passthrough:
     """Relays a request to the same path upstream and the answer back, unchanged."""
 
@@ -37,32 +58,35 @@ class Passthrough:
         if length is not None and length > self.max_body:
             return errors.body_too_large(self.max_body)
         data: StreamReader | AsyncIterator[bytes] | None = None
+        bounded: _BoundedBody | None = None
         if request.body_exists:
-            data = request.content if length is not None else self._bounded(request.content)
+            if length is not None:
+                data = request.content
+            else:
+                bounded = _BoundedBody(request.content, self.max_body)
+                data = aiter(bounded)
         headers = upstream_request_headers(request.headers, self.upstream.api_key,
                                            keep_content_length=True)
         sent = time.perf_counter()
         try:
             resp = await self.upstream.send(request.method, self.upstream.url(target[3:]),
                                             headers, data)
-        except UpstreamError as exc:
-            if isinstance(exc.__context__, BodyTooLarge):
-                return errors.body_too_large(self.max_body)
-            return exc.response
-        except BodyTooLarge:
-            return errors.body_too_large(self.max_body)
+        except (UpstreamError, BodyTooLarge) as exc:
+            if bounded is not None and bounded.exceeded or isinstance(exc, BodyTooLarge):
+                reply = errors.body_too_large(self.max_body)
+            else:
+                assert isinstance(exc, UpstreamError)
+                reply = exc.response
+            upstream_s = time.perf_counter() - sent
+            reply.headers[OVERHEAD_HEADER] = _overhead(started, upstream_s)
+            return reply
         upstream_s = time.perf_counter() - sent
 
         def on_head(h: CIMultiDict[str]) -> None:
-            overhead = time.perf_counter() - started - upstream_s
-            h[OVERHEAD_HEADER] = f"{overhead * 1000:.3f}"
+            h[OVERHEAD_HEADER] = _overhead(started, upstream_s)
 
         return await self.upstream.relay_bytes(request, resp, on_head)
 
-    async def _bounded(self, content: StreamReader) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in content.iter_any():
-            seen += len(chunk)
-            if seen > self.max_body:
-                raise BodyTooLarge
-            yield chunk
+
+def _overhead(started: float, upstream_s: float) -> str:
+    return f"{(time.perf_counter() - started - upstream_s) * 1000:.3f}"

@@ -1,0 +1,261 @@
+"""End to end at the HTTP level: pass-through fidelity, faults, bad input, health."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from yarl import URL
+
+from proxy.config import ServerConfig, UpstreamConfig
+from tests.conftest import Mock, SidecarFactory
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+async def _request(method: str, url: str, **kw: Any) -> tuple[int, Any, bytes]:
+    # encoded=True: send the target exactly as written (no requoting by the client).
+    async with aiohttp.ClientSession(auto_decompress=False) as s, \
+            s.request(method, URL(url, encoded=True), **kw) as r:
+        return r.status, r.headers, await r.read()
+
+
+def call(method: str, url: str, **kw: Any) -> tuple[int, Any, bytes]:
+    return asyncio.run(_request(method, url, **kw))
+
+
+def _error(body: bytes) -> dict[str, Any]:
+    doc = orjson.loads(body)
+    assert set(doc) == {"error"}
+    assert set(doc["error"]) == {"message", "type", "param", "code"}
+    err: dict[str, Any] = doc["error"]
+    return err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# ------------------------------------------------------------------ pass-through
+
+
+def test_query_string_method_and_headers_reach_upstream(sidecar: str) -> None:
+    status, _, body = call(
+        "PUT", f"{sidecar}/mock/echo/a%20b/c?x=1&y=%2F%20&x=2&empty=",
+        data=b"\x00\x01payload\xff",
+        headers={"X-Custom": "kept", "Authorization": "Bearer sk-agent",
+                 "Connection": "X-Hop", "X-Hop": "dropped", "x-sidecar-cache": "off"})
+    assert status == 200
+    echo = orjson.loads(body)
+    assert echo["method"] == "PUT"
+    assert echo["path"] == "/v1/mock/echo/a b/c"
+    assert echo["query_string"] == "x=1&y=%2F%20&x=2&empty="
+    headers = {k.lower(): v for k, v in echo["headers"]}
+    assert headers["x-custom"] == "kept"
+    assert headers["authorization"] == "Bearer sk-agent"
+    assert "x-hop" not in headers and "x-sidecar-cache" not in headers
+    assert echo["body_len"] == 10
+
+
+def test_host_headers_cannot_redirect_the_sidecar(sidecar: str, mock: Mock) -> None:
+    status, _, body = call("GET", f"{sidecar}/mock/echo", headers={
+        "Host": "evil.example", "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Proto": "https"})
+    assert status == 200
+    headers = {k.lower(): v for k, v in orjson.loads(body)["headers"]}
+    assert headers["host"] == mock.url.split("//")[1].split("/")[0]
+
+
+def test_upstream_404_passes_through(sidecar: str, mock: Mock) -> None:
+    via = call("GET", f"{sidecar}/no/such/thing?q=1")
+    ref = call("GET", f"{mock.url}/no/such/thing?q=1")
+    assert via[0] == ref[0] == 404
+    assert via[2] == ref[2]
+    assert "x-sidecar-error" not in via[1]
+
+
+def test_unknown_route_outside_v1_gets_openai_404(sidecar: str) -> None:
+    root = sidecar.removesuffix("/v1")
+    for method in ("GET", "POST", "DELETE"):
+        status, _, body = call(method, f"{root}/admin/secret")
+        assert status == 404
+        assert _error(body)["message"] == f"Invalid URL ({method} /admin/secret)"
+
+
+def test_configured_key_replaces_agent_key(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=mock.url, api_key="sk-upstream"))
+    _, _, body = call("GET", f"{url}/mock/echo", headers={"Authorization": "Bearer sk-agent"})
+    headers = {k.lower(): v for k, v in orjson.loads(body)["headers"]}
+    assert headers["authorization"] == "Bearer sk-upstream"
+    with openai.OpenAI(base_url=url, api_key="sk-agent", max_retries=0) as c:
+        c.chat.completions.create(model="m", messages=CHAT["messages"])  # type: ignore[arg-type]
+    sent = dict((k.lower(), v) for k, v in mock.server.stats.last_requests[-1].headers)
+    assert sent["authorization"] == "Bearer sk-upstream"
+
+
+def test_compressed_passthrough_body_is_not_decoded(sidecar: str) -> None:
+    status, headers, _ = call("GET", f"{sidecar}/models",
+                              headers={"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert "x-sidecar-overhead-ms" in headers
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00",
+                                  b'"just a string"', b"null", b"{" * 100000])
+def test_malformed_bodies_get_400(sidecar: str, body: bytes) -> None:
+    for path in ("/chat/completions", "/completions", "/embeddings", "/responses"):
+        status, headers, out = call("POST", sidecar + path, data=body,
+                                    headers={"Content-Type": "application/json"})
+        assert status == 400, (path, body[:20])
+        assert _error(out)["code"] == "invalid_json"
+        assert headers["x-sidecar-error"] == "invalid_json"
+
+
+def test_oversized_bodies_get_413(sidecars: SidecarFactory) -> None:
+    url = sidecars.start(server=ServerConfig(port=0, max_body_bytes=2048,
+                                             max_passthrough_body_bytes=4096))
+    big = orjson.dumps({**CHAT, "pad": "x" * 5000})
+    status, _, body = call("POST", f"{url}/chat/completions", data=big)
+    assert status == 413 and _error(body)["code"] == "request_too_large"
+
+    async def chunked() -> Any:
+        for _ in range(10):
+            yield b"y" * 1000
+
+    status, _, body = call("POST", f"{url}/chat/completions", data=chunked())
+    assert status == 413, body
+    status, _, body = call("POST", f"{url}/files", data=b"z" * 5000)
+    assert status == 413 and _error(body)["code"] == "request_too_large"
+    status, _, body = call("POST", f"{url}/mock/echo", data=chunked())
+    assert status == 413 and _error(body)["code"] == "request_too_large"
+    status, _, body = call("POST", f"{url}/mock/echo", data=b"z" * 4000)
+    assert status == 200
+
+
+def test_sdk_sees_bad_input_as_openai_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post("/chat/completions", body=None, cast_to=object,
+                    options={"headers": {"Content-Type": "application/json"}})
+    assert info.value.code == "invalid_json"
+
+
+# ------------------------------------------------------------------ upstream faults
+
+
+def test_upstream_down_gives_502(sidecars: SidecarFactory) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1"))
+    for path, kw in (("/chat/completions", {"json": CHAT}), ("/models", {})):
+        status, headers, body = call("POST" if kw else "GET", url + path, **kw)
+        assert status == 502
+        assert _error(body)["code"] == "upstream_unreachable"
+        assert "x-sidecar-overhead-ms" in headers
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c, \
+            pytest.raises(openai.APIStatusError) as info:
+        c.chat.completions.create(model="m", messages=CHAT["messages"])  # type: ignore[arg-type]
+    assert info.value.status_code == 502
+    status, _, body = call("GET", url.removesuffix("/v1") + "/status")
+    upstream = orjson.loads(body)["components"]["upstream"]
+    assert upstream["details"]["last_failure"] == "connect_error"
+
+
+def test_upstream_timeout_gives_504(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=mock.url, read_timeout_s=0.3))
+    status, _, body = call("POST", f"{url}/chat/completions", json=CHAT,
+                           headers={"x-mock-latency-ms": "3000"})
+    assert status == 504
+    assert _error(body)["code"] == "upstream_timeout"
+
+
+def test_stream_idle_timeout_ends_stream_with_error_event(sidecars: SidecarFactory,
+                                                          mock: Mock) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=mock.url, stream_idle_timeout_s=0.3))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c, \
+            pytest.raises(openai.APIError) as info:
+        list(c.chat.completions.create(model="m", messages=CHAT["messages"],  # type: ignore[arg-type]
+                                       stream=True, extra_headers={"x-mock-ttft-ms": "3000"}))
+    assert "upstream stream failed" in str(info.value)
+
+
+def test_upstream_disconnect_before_headers_gives_502(sidecar: str) -> None:
+    status, _, body = call("POST", f"{sidecar}/chat/completions", json=CHAT,
+                           headers={"x-mock-disconnect": "before-headers"})
+    assert status == 502
+    assert _error(body)["type"] == "upstream_error"
+
+
+def test_upstream_disconnect_mid_stream_is_not_silent(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(
+            model="m", messages=CHAT["messages"], stream=True,  # type: ignore[arg-type]
+            extra_headers={"x-mock-disconnect": "mid-stream"}))
+
+
+async def _abandon_stream(url: str, mock: Mock, headers: dict[str, str],
+                          read_first: bool) -> bytes:
+    key = "POST /v1/chat/completions"
+    seen = mock.server.stats.requests[key]
+    body = {**CHAT, "stream": True}
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.split(":")[2].split("/")[0]))
+    payload = orjson.dumps(body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(payload)}\r\n{head}\r\n".encode() + payload)
+    await writer.drain()
+    got = b""
+    if read_first:
+        while b"data: " not in got:
+            got += await reader.read(65536)
+    else:  # leave while the upstream is still thinking about the first token
+        assert await asyncio.to_thread(mock.server.stats.wait_for_requests, key, seen + 1, 5.0)
+    writer.transport.abort()  # the agent dies: RST, no goodbye
+    return got
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_client_disconnect_cancels_upstream(sidecar: str, mock: Mock, read_first: bool) -> None:
+    stats = mock.server.stats
+    before = stats.cancelled
+    # Slow upstream: 5 tokens/s, or a 5 s wait for the first token.
+    headers = {"x-mock-tps": "5"} if read_first else {"x-mock-ttft-ms": "5000",
+                                                      "x-mock-latency-ms": "0"}
+    got = asyncio.run(_abandon_stream(sidecar, mock, headers, read_first))
+    assert (b"HTTP/1.1 200" in got) == read_first
+    assert stats.wait_for_cancelled(before + 1, timeout=3.0), "upstream never saw the cancel"
+
+
+# ------------------------------------------------------------------ health
+
+
+def test_health_endpoints(sidecar: str) -> None:
+    root = sidecar.removesuffix("/v1")
+    assert call("GET", f"{root}/healthz")[0] == 200
+    status, _, body = call("GET", f"{root}/readyz")
+    assert status == 200 and orjson.loads(body) == {"status": "ready"}
+    status, _, body = call("GET", f"{root}/status")
+    doc = orjson.loads(body)
+    assert status == 200
+    assert set(doc["components"]) >= {"process", "config", "upstream"}
+    for comp in doc["components"].values():
+        assert comp["state"] in ("ok", "degraded", "down")
+        assert comp["last_check"] is not None
+
+
+def test_secrets_never_in_status_or_errors(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1",
+                                                 api_key="sk-SECRET-upstream"))
+    _, _, err = call("POST", f"{url}/chat/completions", json=CHAT,
+                     headers={"Authorization": "Bearer sk-SECRET-agent"})
+    _, _, status = call("GET", url.removesuffix("/v1") + "/status")
+    for blob in (err, status):
+        assert b"SECRET" not in blob
