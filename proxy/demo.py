@@ -101,6 +101,19 @@ async def _agent_turn(client: Any, rec: _Recorder, turn: int) -> None:
         rec.errors[f"{type(exc).__name__}"] += 1
 
 
+async def _ab_latency(via: Any, direct: Any, rounds: int) -> tuple[list[float], list[float]]:
+    """Same chat call direct and through the sidecar, alternating, with no upstream delay."""
+    times: tuple[list[float], list[float]] = ([], [])
+    messages: list[Any] = [{"role": "user", "content": "ping"}]
+    for _ in range(rounds):
+        for client, out in ((direct, times[0]), (via, times[1])):
+            t = time.perf_counter()
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages,
+                                                 extra_headers={"x-mock-latency-ms": "0"})
+            out.append((time.perf_counter() - t) * 1000)
+    return times
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -139,7 +152,11 @@ async def run_demo(requests: int = 120, concurrency: int = 8) -> int:
 
             await asyncio.gather(*(agent() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
+            direct = openai.AsyncOpenAI(base_url=upstream_url, api_key="sk-demo-key",
+                                        max_retries=0, timeout=30)
+            ab_direct, ab_via = await _ab_latency(client, direct, rounds=100)
             await client.close()
+            await direct.close()
     finally:
         await mock.stop()
 
@@ -151,8 +168,12 @@ async def run_demo(requests: int = 120, concurrency: int = 8) -> int:
     over = rec.overhead_ms
     print(f"\nrequests      : {total} in {elapsed:.2f}s ({total / elapsed:.0f} req/s)")
     if over:
-        print(f"sidecar added : p50 {_pct(over, 0.5):.3f} ms, p99 {_pct(over, 0.99):.3f} ms, "
+        print(f"in-sidecar    : p50 {_pct(over, 0.5):.3f} ms, p99 {_pct(over, 0.99):.3f} ms, "
               f"mean {statistics.fmean(over):.3f} ms (x-sidecar-overhead-ms)")
+    added = _pct(ab_via, 0.5) - _pct(ab_direct, 0.5)
+    print(f"A/B latency   : same chat call x100, alternating: direct p50 "
+          f"{_pct(ab_direct, 0.5):.2f} ms, through sidecar p50 {_pct(ab_via, 0.5):.2f} ms "
+          f"(+{added:.2f} ms, SDK client in the same process)")
     errors = sum(rec.errors.values())
     print(f"errors        : {errors}" + (f" {dict(rec.errors)}" if errors else ""))
     return 0 if errors == 0 and total > 0 else 1

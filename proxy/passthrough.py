@@ -72,7 +72,7 @@ class Passthrough:
             resp = await self.upstream.send(request.method, self.upstream.url(target[3:]),
                                             headers, data)
         except (UpstreamError, BodyTooLarge) as exc:
-            if bounded is not None and bounded.exceeded or isinstance(exc, BodyTooLarge):
+            if (bounded is not None and bounded.exceeded) or isinstance(exc, BodyTooLarge):
                 reply = errors.body_too_large(self.max_body)
             else:
                 assert isinstance(exc, UpstreamError)

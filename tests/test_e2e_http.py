@@ -201,36 +201,40 @@ def test_upstream_disconnect_mid_stream_is_not_silent(client: openai.OpenAI) -> 
             extra_headers={"x-mock-disconnect": "mid-stream"}))
 
 
-async def _abandon_stream(url: str, mock: Mock, headers: dict[str, str],
-                          read_first: bool) -> bytes:
+async def _abandon(url: str, mock: Mock, body: dict[str, Any], headers: dict[str, str],
+                   read_first: bool) -> bytes:
+    """Send a request on a raw socket, then drop the connection the way a dying agent does."""
     key = "POST /v1/chat/completions"
     seen = mock.server.stats.requests[key]
-    body = {**CHAT, "stream": True}
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.split(":")[2].split("/")[0]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(url).port)
     payload = orjson.dumps(body)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 f"\r\nContent-Length: {len(payload)}\r\n{head}\r\n".encode() + payload)
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                 f"{head}\r\n".encode() + payload)
     await writer.drain()
     got = b""
     if read_first:
         while b"data: " not in got:
             got += await reader.read(65536)
-    else:  # leave while the upstream is still thinking about the first token
+    else:  # leave while the upstream is still working on it
         assert await asyncio.to_thread(mock.server.stats.wait_for_requests, key, seen + 1, 5.0)
-    writer.transport.abort()  # the agent dies: RST, no goodbye
+    writer.transport.abort()  # RST, no goodbye
     return got
 
 
-@pytest.mark.parametrize("read_first", [True, False])
-def test_client_disconnect_cancels_upstream(sidecar: str, mock: Mock, read_first: bool) -> None:
+@pytest.mark.parametrize(("stream", "read_first", "headers"), [
+    (True, True, {"x-mock-tps": "5"}),             # mid-stream, between two slow tokens
+    (True, False, {"x-mock-ttft-ms": "5000"}),     # waiting for the first token
+    (False, False, {"x-mock-latency-ms": "5000"}),  # waiting for a whole answer
+])
+def test_client_disconnect_cancels_upstream(sidecar: str, mock: Mock, stream: bool,
+                                            read_first: bool, headers: dict[str, str]) -> None:
     stats = mock.server.stats
     before = stats.cancelled
-    # Slow upstream: 5 tokens/s, or a 5 s wait for the first token.
-    headers = {"x-mock-tps": "5"} if read_first else {"x-mock-ttft-ms": "5000",
-                                                      "x-mock-latency-ms": "0"}
-    got = asyncio.run(_abandon_stream(sidecar, mock, headers, read_first))
+    got = asyncio.run(_abandon(sidecar, mock, {**CHAT, "stream": stream}, headers, read_first))
     assert (b"HTTP/1.1 200" in got) == read_first
+    # Well under the upstream's own 5 s: the sidecar passed the cancellation on.
     assert stats.wait_for_cancelled(before + 1, timeout=3.0), "upstream never saw the cancel"
 
 
@@ -259,3 +263,60 @@ def test_secrets_never_in_status_or_errors(sidecars: SidecarFactory, mock: Mock)
     _, _, status = call("GET", url.removesuffix("/v1") + "/status")
     for blob in (err, status):
         assert b"SECRET" not in blob
+
+
+# ------------------------------------------------------------------ limits and robustness
+
+
+def test_bounded_upstream_concurrency(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(upstream=UpstreamConfig(base_url=mock.url, max_connections=2,
+                                                 pool_timeout_s=0.3))
+    key = "POST /v1/chat/completions"
+
+    async def go() -> list[int]:
+        seen = mock.server.stats.requests[key]
+        slow = [asyncio.create_task(_request("POST", f"{url}/chat/completions", json=CHAT,
+                                             headers={"x-mock-latency-ms": "1500"}))
+                for _ in range(2)]
+        assert await asyncio.to_thread(mock.server.stats.wait_for_requests, key, seen + 2, 5)
+        status, _, body = await _request("POST", f"{url}/chat/completions", json=CHAT)
+        assert "no connection in time" in _error(body)["message"]
+        return [status] + [s for s, _, _ in await asyncio.gather(*slow)]
+
+    assert asyncio.run(go()) == [504, 200, 200]
+
+
+def _weird_bodies() -> list[bytes]:
+    import random
+    rng = random.Random(1234)
+    values: list[Any] = [None, True, 0, -1, 1.5, "", "x" * 300, [], {}, [1, "a"],
+                         {"include_usage": "yes"}, [{"role": 7}], "\u0000\ud7ff"]
+    keys = ["model", "messages", "stream", "stream_options", "prompt", "input", "tools",
+            "n", "temperature", "max_tokens"]
+    out = [orjson.dumps({k: rng.choice(values) for k in rng.sample(keys, rng.randint(0, 6))})
+           for _ in range(120)]
+    out += [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))) for _ in range(30)]
+    out += [b'{"model":"m","stream":true,"stream_options":[1],"messages":'
+            b'[{"role":"user","content":"x"}]}', b'{"a":' * 5000 + b"1" + b"}" * 5000]
+    return out
+
+
+def test_no_input_makes_the_sidecar_fail(sidecar: str) -> None:
+    async def go() -> list[tuple[int, bytes]]:
+        results = []
+        async with aiohttp.ClientSession() as s:
+            for i, body in enumerate(_weird_bodies()):
+                path = ("/chat/completions", "/completions", "/embeddings", "/responses")[i % 4]
+                async with s.post(sidecar + path, data=body) as r:
+                    results.append((r.status, await r.read()))
+            for method in ("GET", "DELETE", "PATCH", "OPTIONS", "HEAD"):
+                for path in ("/chat/completions", "/../../etc/passwd", "/%00", "/files/x/content"):
+                    async with s.request(method, URL(sidecar + path, encoded=True)) as r:
+                        results.append((r.status, await r.read()))
+        return results
+
+    results = asyncio.run(go())
+    assert len(results) > 150
+    assert all(status != 500 for status, _ in results), [r for r in results if r[0] == 500]
+    assert {s for s, _ in results} <= {200, 400, 404, 405}
+    assert call("GET", sidecar.removesuffix("/v1") + "/readyz")[0] == 200
