@@ -1287,7 +1287,11 @@ class MockUpstream:
             "body_len": len(ctx.body),
             "body_sha256": hashlib.sha256(ctx.body).hexdigest(),
         }
-        return self._json(ctx.start, orjson.dumps(payload))
+        response = self._json(ctx.start, orjson.dumps(payload))
+        # Providers' edges set cookies (e.g. bot-management ones); a proxy must
+        # relay them to its client without ever replaying them for others.
+        response.headers["Set-Cookie"] = "edge_session=abc123; Path=/; HttpOnly"
+        return response
 
     async def _not_found(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         return self._error(ctx.start, 404, f"Invalid URL ({request.method} {request.path})")

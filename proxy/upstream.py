@@ -85,6 +85,9 @@ class Upstream:
             sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
+            # One session serves every agent: a cookie one response sets must
+            # never ride along on another agent's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Relay what the client sent, add nothing it did not.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             raise_for_status=False, trust_env=False)
