@@ -967,7 +967,26 @@ def machine_info() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "uvloop": importlib.metadata.version("uvloop"),
         "loadavg_start": os.getloadavg(),
+        "git": git_revision(),
     }
+
+
+def git_revision() -> str:
+    """The measured commit, plus the files of proxy/ and loadtest/ changed since."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy", "loadtest"],
+                               cwd=ROOT, text=True, capture_output=True, timeout=10,
+                               check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # The report and raw results themselves do not make the code dirty.
+    changed = [line for line in dirty.splitlines()
+               if not line.endswith(("REPORT.md", "results/"))]
+    if not changed:
+        return rev
+    return f"{rev} + local changes in " + ", ".join(line[3:] for line in changed)
 
 
 def choose_cpus() -> tuple[int | None, int | None, str]:
@@ -1333,6 +1352,7 @@ def render_report(r: Results, json_path: Path) -> str:
            f"- Command: `{r.command}`",
            f"- Machine: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}; "
            f"Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m['uvloop']}",
+           f"- Code: git {m['git']}",
            f"- Pinning: {r.pinning}",
            f"- Raw results: `{json_path.relative_to(ROOT)}`", "",
            "## Method", "",

@@ -111,6 +111,9 @@ def build_app(upstream_base: str) -> web.Application:
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=60)
         async with aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, trust_env=False,
+                # A shared session must not replay one client's cookies for another
+                # (the sidecar does the same), and no jar is the cheapest jar.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
                 # Relay what the client sent and add nothing it did not.
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
