@@ -79,9 +79,11 @@ class UpstreamConfig:
     pool_timeout_s: float = field(default=30.0, metadata=_meta(
         "Longest wait for a free pooled connection (includes connecting).", gt=0))
     read_timeout_s: float = field(default=600.0, metadata=_meta(
-        "Longest silence from upstream before the response head or between body reads.", gt=0))
+        "Longest silence from upstream on a non-streamed call (head or body reads): "
+        "a long answer arrives in one piece.", gt=0))
     stream_idle_timeout_s: float = field(default=300.0, metadata=_meta(
-        "Longest silence between two events of a streamed response.", gt=0))
+        "Longest silence on a streamed call: before its head or first token, and "
+        "between two reads.", gt=0))
     total_timeout_s: float | None = field(default=None, metadata=_meta(
         "Cap on a whole upstream exchange (null: none; streams can be long).", gt=0))
     max_connections: int = field(default=512, metadata=_meta(

@@ -215,7 +215,7 @@ class Pipeline:
         sent = time.perf_counter()
         try:
             resp = await self.upstream.send("POST", self._urls[canonical.endpoint], headers,
-                                            canonical.wire_body())
+                                            canonical.wire_body(), stream=canonical.stream)
         except UpstreamError as exc:
             ctx.upstream_s += time.perf_counter() - sent
             ctx.error_kind = exc.kind

@@ -13,11 +13,10 @@ once and stops generating.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -66,10 +65,12 @@ class Upstream:
         self.failures = 0
         self.last_failure: str | None = None
         self.last_failure_at: float | None = None
-        # aiohttp's socket read timeout already bounds silence; a second,
-        # per-event timer is only needed when the stream idle limit is tighter.
-        self._idle_timeout = (cfg.stream_idle_timeout_s
-                              if cfg.stream_idle_timeout_s < cfg.read_timeout_s else None)
+        # aiohttp's sock_read is a per-read silence limit, so it already is the
+        # idle-between-chunks timeout; streams get their own bound through it
+        # instead of a timer per event.
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=cfg.total_timeout_s, connect=cfg.pool_timeout_s,
+            sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -113,17 +114,23 @@ class Upstream:
     # ------------------------------------------------------------ exchange
 
     async def send(self, method: str, url: URL, headers: CIMultiDict[str],
-                   data: Any) -> aiohttp.ClientResponse:
+                   data: Any, *, stream: bool = False) -> aiohttp.ClientResponse:
         """Send a request and return the response once its head has arrived.
 
+        ``stream`` applies the stream idle timeout instead of the read timeout.
         Raises UpstreamError carrying the OpenAI-style error to return instead.
         """
         session = self._session
         if session is None or session.closed:
             raise UpstreamError(errors.upstream_unreachable(), "session_closed")
         try:
-            resp = await session.request(method, url, headers=headers, data=data,
-                                         allow_redirects=False)
+            if stream:
+                resp = await session.request(method, url, headers=headers, data=data,
+                                             allow_redirects=False,
+                                             timeout=self.stream_timeout)
+            else:
+                resp = await session.request(method, url, headers=headers, data=data,
+                                             allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:
             raise self._failed(errors.upstream_unreachable(), "connect_error", exc) from None
         except TimeoutError as exc:
@@ -234,22 +241,13 @@ class Upstream:
         return out
 
     async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        content = resp.content
-        idle = self._idle_timeout
-        read: Callable[[], Awaitable[bytes]] = content.readany
+        read = resp.content.readany
         try:
-            while True:
-                if idle is None:
-                    data = await read()
-                else:
-                    async with asyncio.timeout(idle):
-                        data = await read()
-                if not data:
-                    return
+            while data := await read():
                 yield data
         except TimeoutError as exc:
-            raise self._failed(errors.upstream_timeout("stream idle"), "stream_idle", exc) \
-                from None
+            raise self._failed(errors.upstream_timeout("upstream went silent"), "idle_timeout",
+                               exc) from None
         except aiohttp.ClientError as exc:
             raise self._failed(errors.upstream_failed("stream cut short"), "stream_error",
                                exc) from None
