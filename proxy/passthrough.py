@@ -85,7 +85,7 @@ class Passthrough:
         def on_head(h: CIMultiDict[str]) -> None:
             h[OVERHEAD_HEADER] = _overhead(started, upstream_s)
 
-        return await self.upstream.relay_bytes(request, resp, on_head)
+        return await self.upstream.relay(request, resp, on_head)
 
 
 def _overhead(started: float, upstream_s: float) -> str:

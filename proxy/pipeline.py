@@ -226,8 +226,8 @@ class Pipeline:
         ctx.status = resp.status
         if self.upstream.is_event_stream(resp):
             tap = StreamTap(canonical.endpoint, hide_usage)
-            out = await self.upstream.relay_events(
-                ctx.request, resp, tap, lambda h: self._add_headers(ctx, h))
+            out = await self.upstream.relay(
+                ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
             ctx.stream_usage = tap.usage
             ctx.stream_complete = tap.done
             return out

@@ -28,7 +28,7 @@ from proxy.config import UpstreamConfig
 from proxy.health import Health, State
 from proxy.wire import errors
 from proxy.wire.headers import client_response_headers
-from proxy.wire.sse import SSESplitter, StreamTap
+from proxy.wire.sse import StreamTap
 
 log = logging.getLogger("proxy.upstream")
 
@@ -177,62 +177,34 @@ class Upstream:
         """Whether the upstream answered with server-sent events."""
         return resp.content_type == _SSE_TYPE
 
-    async def relay_events(self, request: web.Request, resp: aiohttp.ClientResponse,
-                           tap: StreamTap, on_head: Callable[[CIMultiDict[str]], None],
-                           ) -> web.StreamResponse:
-        """Relay an SSE response event by event, each flushed as soon as it is complete.
+    async def relay(self, request: web.Request, resp: aiohttp.ClientResponse,
+                    on_head: Callable[[CIMultiDict[str]], None],
+                    tap: StreamTap | None = None) -> web.StreamResponse:
+        """Relay a response to the client as it arrives, never buffering it whole.
 
-        ``on_head`` may add headers just before they are sent. The tap sees
-        every event and may rewrite or drop it.
+        With a ``tap`` the body is server-sent events: each complete event is
+        flushed at once, after the tap has seen (and possibly rewritten or
+        dropped) it. Without one, bytes are relayed untouched, Content-Length
+        included. ``on_head`` may add headers just before they are sent.
         """
-        headers = client_response_headers(resp.headers)
-        on_head(headers)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        splitter = SSESplitter()
-        complete = False
-        try:
-            await out.prepare(request)
-            async for data in self._chunks(resp):
-                batch = [e for e in map(tap.process, splitter.feed(data)) if e is not None]
-                if batch:
-                    await out.write(batch[0] if len(batch) == 1 else b"".join(batch))
-            complete = True
-            tail = splitter.remainder()
-            if tail:  # an unterminated last event is still the upstream's bytes
-                await out.write(tail)
-            await out.write_eof()
-        except ConnectionResetError:
-            log.info("client went away mid-stream; upstream request cancelled")
-        except UpstreamError as exc:
-            await self._stream_failed(out, exc.kind)
-        finally:
-            if complete:
-                resp.release()
-            else:
-                resp.close()
-        return out
-
-    async def relay_bytes(self, request: web.Request, resp: aiohttp.ClientResponse,
-                          on_head: Callable[[CIMultiDict[str]], None]) -> web.StreamResponse:
-        """Relay any response as it arrives, byte for byte (pass-through routes)."""
-        headers = client_response_headers(resp.headers, keep_content_length=True)
+        headers = client_response_headers(resp.headers, keep_content_length=tap is None)
         on_head(headers)
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         complete = False
         try:
             await out.prepare(request)
             async for data in self._chunks(resp):
-                await out.write(data)
+                chunk = data if tap is None else tap.feed(data)
+                if chunk:
+                    await out.write(chunk)
             complete = True
+            if tap is not None and (tail := tap.remainder()):
+                await out.write(tail)  # an unterminated last event is still upstream's
             await out.write_eof()
         except ConnectionResetError:
-            log.info("client went away mid-download; upstream request cancelled")
+            log.info("client went away mid-response; upstream request cancelled")
         except UpstreamError as exc:
-            # Headers are gone; the only honest signal left is a broken connection.
-            log.warning("upstream body failed mid-relay (%s); closing client connection",
-                        exc.kind)
-            if request.transport is not None:
-                request.transport.close()
+            await self._relay_failed(request, out, exc.kind, sse=tap is not None)
         finally:
             if complete:
                 resp.release()
@@ -253,9 +225,16 @@ class Upstream:
                                exc) from None
 
     @staticmethod
-    async def _stream_failed(out: web.StreamResponse, kind: str) -> None:
-        # An SSE client cannot get a status code any more; an error event makes
-        # the OpenAI SDKs raise instead of silently ending a truncated answer.
+    async def _relay_failed(request: web.Request, out: web.StreamResponse, kind: str,
+                            *, sse: bool) -> None:
+        # The status line is gone. An SSE client still gets an error event, which
+        # makes the OpenAI SDKs raise instead of ending a truncated answer
+        # quietly; for anything else a broken connection is the honest signal.
+        log.warning("upstream failed mid-response (%s)", kind)
+        if not sse:
+            if request.transport is not None:
+                request.transport.close()
+            return
         event = b"data: " + errors.error_body(
             "The upstream stream failed before it completed.", "upstream_error",
             f"upstream_{kind}") + b"\n\n"

@@ -143,3 +143,14 @@ def test_bearer_token() -> None:
     assert bearer_token(_proxy([("Authorization", "Bearer  sk-1 ")])) == "sk-1"
     assert bearer_token(_proxy([("Authorization", "Basic abc")])) is None
     assert bearer_token(_proxy([])) is None
+
+
+@pytest.mark.parametrize("size", [1, 5, 64, 4096])
+def test_tap_feed_gives_the_same_stream_whatever_the_read_sizes(size: int) -> None:
+    tap = StreamTap(Endpoint.CHAT, hide_usage=True)
+    out = b"".join(tap.feed(STREAM[i:i + size]) for i in range(0, len(STREAM), size))
+    assert out == (b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}]}\n\n'
+                   b'data: {"id":"a","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+                   b"data: [DONE]\n\n")
+    assert tap.remainder() == b""
+    assert tap.usage == Usage(3, 2, 5)

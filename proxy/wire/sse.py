@@ -75,7 +75,7 @@ class StreamTap:
     removed from every other chunk.
     """
 
-    __slots__ = ("done", "endpoint", "events", "hide_usage", "usage")
+    __slots__ = ("_splitter", "done", "endpoint", "events", "hide_usage", "usage")
 
     def __init__(self, endpoint: Endpoint, hide_usage: bool) -> None:
         self.endpoint = endpoint
@@ -83,6 +83,18 @@ class StreamTap:
         self.usage: Usage | None = None
         self.done = False
         self.events = 0
+        self._splitter = SSESplitter()
+
+    def feed(self, data: bytes) -> bytes:
+        """Take bytes as read from upstream; return the complete events to relay now."""
+        events = self._splitter.feed(data)
+        if len(events) == 1:
+            return self.process(events[0]) or b""
+        return b"".join([e for e in map(self.process, events) if e is not None])
+
+    def remainder(self) -> bytes:
+        """Bytes after the last complete event, once the stream has ended."""
+        return self._splitter.remainder()
 
     def process(self, event: bytes) -> bytes | None:
         """Return the event to relay (possibly rewritten), or None to drop it."""
