@@ -562,6 +562,8 @@ class MockUpstream:
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=0.25,
+            # Record bodies exactly as they arrived on the wire (echo hashes them).
+            auto_decompress=False,
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=4096)

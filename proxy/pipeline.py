@@ -28,6 +28,7 @@ from proxy.config import SidecarConfig
 from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
 from proxy.wire.canonical import BadRequestBody, CanonicalRequest, Endpoint, parse_request
+from proxy.wire.encoding import CorruptBody, DecodedTooLarge, UnsupportedEncoding, decode_body
 from proxy.wire.headers import bearer_token, client_response_headers, upstream_request_headers
 from proxy.wire.sse import StreamTap
 from proxy.wire.usage import Usage, usage_from_body
@@ -181,6 +182,16 @@ class Pipeline:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return errors.body_too_large(self.max_body)
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None:
+            try:
+                raw = decode_body(raw, encoding, self.max_body)
+            except UnsupportedEncoding as exc:
+                return errors.unsupported_encoding(str(exc))
+            except CorruptBody:
+                return errors.invalid_json(f"the body is not valid {encoding} data")
+            except DecodedTooLarge:
+                return errors.body_too_large(self.max_body)
         try:
             canonical = parse_request(endpoint, raw)
         except BadRequestBody as exc:
@@ -212,6 +223,7 @@ class Pipeline:
             hide_usage = True
         headers = upstream_request_headers(ctx.request.headers, self.upstream.api_key,
                                            identity_encoding=True)
+        headers.popall("Content-Encoding", None)  # the body was decoded to be read
         sent = time.perf_counter()
         try:
             resp = await self.upstream.send("POST", self._urls[canonical.endpoint], headers,

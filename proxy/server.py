@@ -23,6 +23,9 @@ async def running(app: web.Application, cfg: SidecarConfig,
     abandoned stream stops the upstream request at once.
     """
     runner = web.AppRunner(app, handler_cancellation=True,
+                           # Pass-through bodies are relayed still encoded; the
+                           # pipeline decodes the JSON bodies it must read.
+                           auto_decompress=False,
                            access_log=access_logger if cfg.server.access_log else None,
                            shutdown_timeout=cfg.server.shutdown_timeout_s)
     await runner.setup()

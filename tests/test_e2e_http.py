@@ -333,3 +333,43 @@ def test_no_input_makes_the_sidecar_fail(sidecar: str) -> None:
     assert all(status != 500 for status, _ in results), [r for r in results if r[0] == 500]
     assert {s for s, _ in results} <= {200, 400, 404, 405}
     assert call("GET", sidecar.removesuffix("/v1") + "/readyz")[0] == 200
+
+
+def test_compressed_request_bodies(sidecar: str, mock: Mock) -> None:
+    import gzip
+    import hashlib
+    raw = b'{"hello": "' + b"z" * 5000 + b'"}'
+    packed = gzip.compress(raw)
+    # Pass-through: the compressed bytes travel as they are, with their header.
+    status, _, body = call("POST", f"{sidecar}/mock/echo", data=packed,
+                           headers={"Content-Encoding": "gzip"})
+    echo = orjson.loads(body)
+    assert status == 200
+    assert echo["body_sha256"] == hashlib.sha256(packed).hexdigest()
+    assert ("Content-Encoding", "gzip") in [tuple(h) for h in echo["headers"]]
+    # Intercepted: the sidecar reads the JSON, then sends it on uncompressed.
+    status, _, body = call("POST", f"{sidecar}/chat/completions",
+                           data=gzip.compress(orjson.dumps(CHAT)),
+                           headers={"Content-Encoding": "gzip",
+                                    "Content-Type": "application/json"})
+    assert status == 200, body
+    sent = mock.server.stats.last_requests[-1]
+    assert orjson.loads(sent.body) == CHAT
+    assert "content-encoding" not in {k.lower() for k, _ in sent.headers}
+    # A corrupt or unknown encoding is the client's error, and says so.
+    for enc, data in (("gzip", b"not gzip at all"), ("zstd-ish", b"{}")):
+        status, _, body = call("POST", f"{sidecar}/chat/completions", data=data,
+                               headers={"Content-Encoding": enc})
+        assert status in (400, 415), (enc, status)
+        assert _error(body)["type"] == "invalid_request_error"
+
+
+def test_compression_bomb_is_refused(sidecars: SidecarFactory) -> None:
+    import gzip
+    url = sidecars.start(server=ServerConfig(port=0, max_body_bytes=64 * 1024))
+    bomb = gzip.compress(b'{"a":"' + b"0" * (50 * 1024 * 1024) + b'"}')
+    assert len(bomb) < 64 * 1024
+    status, _, body = call("POST", f"{url}/chat/completions", data=bomb,
+                           headers={"Content-Encoding": "gzip"})
+    assert status == 413
+    assert _error(body)["code"] == "request_too_large"

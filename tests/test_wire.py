@@ -154,3 +154,29 @@ def test_tap_feed_gives_the_same_stream_whatever_the_read_sizes(size: int) -> No
                    b"data: [DONE]\n\n")
     assert tap.remainder() == b""
     assert tap.usage == Usage(3, 2, 5)
+
+
+def test_decode_body_codings() -> None:
+    import gzip
+    import zlib
+
+    from proxy.wire.encoding import (
+        CorruptBody,
+        DecodedTooLarge,
+        UnsupportedEncoding,
+        decode_body,
+    )
+    body = b'{"model":"m"}' * 10
+    raw_deflate = zlib.compressobj(wbits=-15)
+    raw_deflated = raw_deflate.compress(body) + raw_deflate.flush()
+    assert decode_body(gzip.compress(body), "gzip", 1000) == body
+    assert decode_body(zlib.compress(body), "deflate", 1000) == body
+    assert decode_body(raw_deflated, "Deflate", 1000) == body  # raw deflate, as some send
+    assert decode_body(gzip.compress(zlib.compress(body)), "deflate, gzip", 1000) == body
+    assert decode_body(body, "identity", 1000) == body
+    with pytest.raises(DecodedTooLarge):
+        decode_body(gzip.compress(body), "gzip", len(body) - 1)
+    with pytest.raises(CorruptBody):
+        decode_body(gzip.compress(body)[:-12], "gzip", 1000)  # truncated
+    with pytest.raises(UnsupportedEncoding):
+        decode_body(body, "br", 1000)

@@ -47,6 +47,13 @@ def body_too_large(limit: int) -> web.Response:
         "invalid_request_error", "request_too_large")
 
 
+def unsupported_encoding(coding: str) -> web.Response:
+    """415 for a request body in a Content-Encoding the sidecar cannot decode."""
+    return error_response(
+        415, f"Unsupported Content-Encoding {coding[:40]!r}: send gzip, deflate or identity.",
+        "invalid_request_error", "unsupported_content_encoding")
+
+
 def not_found(method: str, path: str) -> web.Response:
     """404 for a route outside the OpenAI API surface, worded like OpenAI's own."""
     shown = path if len(path) <= 200 else path[:200] + "..."
