@@ -288,6 +288,10 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
                         f"got {cfg.upstream.base_url!r}")
     elif url.query_string or url.fragment:
         problems.append("upstream.base_url: must not carry a query or fragment")
+    elif url.user is not None or url.password is not None:
+        # It would be logged and shown in /status; keys belong in upstream.api_key.
+        problems.append("upstream.base_url: must not contain credentials "
+                        "(put the key in upstream.api_key or api_key_env)")
     if cfg.upstream.api_key_env and not cfg.upstream.api_key \
             and not os.environ.get(cfg.upstream.api_key_env):
         problems.append(f"upstream.api_key_env: environment variable "

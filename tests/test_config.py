@@ -66,6 +66,15 @@ def test_api_key_never_in_repr(tmp_path: Path) -> None:
     assert "sk-very-secret" not in repr(cfg)
 
 
+def test_credentials_in_base_url_are_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={
+            "SIDECAR_UPSTREAM__BASE_URL": "https://user:hunter2@gw.example/v1"})
+    assert info.value.problems[0].startswith(
+        "upstream.base_url: must not contain credentials")
+    assert "hunter2" not in str(info.value)
+
+
 def test_api_key_env_must_exist(tmp_path: Path) -> None:
     path = _write(tmp_path, "upstream:\n  api_key_env: SIDECAR_TEST_SURELY_UNSET_VAR\n")
     with pytest.raises(ConfigError) as info:
