@@ -284,8 +284,8 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
     except (ValueError, TypeError):
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        problems.append(f"upstream.base_url: must be an http(s) URL with a host, "
-                        f"got {cfg.upstream.base_url!r}")
+        shown = cfg.upstream.base_url if "@" not in cfg.upstream.base_url else "(not shown)"
+        problems.append(f"upstream.base_url: must be an http(s) URL with a host, got {shown!r}")
     elif url.query_string or url.fragment:
         problems.append("upstream.base_url: must not carry a query or fragment")
     elif url.user is not None or url.password is not None:
