@@ -175,27 +175,16 @@ class Pipeline:
         """Serve one intercepted request."""
         started = time.perf_counter()
         # 1 parse
-        length = request.content_length
-        if length is not None and length > self.max_body:
-            return errors.body_too_large(self.max_body)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return errors.body_too_large(self.max_body)
-        encoding = request.headers.get("Content-Encoding")
-        if encoding is not None:
-            try:
-                raw = decode_body(raw, encoding, self.max_body)
-            except UnsupportedEncoding as exc:
-                return errors.unsupported_encoding(str(exc))
-            except CorruptBody:
-                return errors.invalid_json(f"the body is not valid {encoding} data")
-            except DecodedTooLarge:
-                return errors.body_too_large(self.max_body)
+        raw = await self._read_body(request)
+        if isinstance(raw, web.Response):
+            raw.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
+            return raw
         try:
             canonical = parse_request(endpoint, raw)
         except BadRequestBody as exc:
-            return errors.invalid_json(str(exc))
+            bad = errors.invalid_json(str(exc))
+            bad.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
+            return bad
         ctx = RequestContext(request, canonical, started)
         # 2-5 identify, cache, route, limit
         for stage in self._request_hooks:
@@ -210,6 +199,27 @@ class Pipeline:
         if self._settle_hooks:
             self._spawn_settle(ctx)
         return response
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The request body, decoded if it came compressed, or the error to answer."""
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            return errors.body_too_large(self.max_body)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return errors.body_too_large(self.max_body)
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is None:
+            return raw
+        try:
+            return decode_body(raw, encoding, self.max_body)
+        except UnsupportedEncoding as exc:
+            return errors.unsupported_encoding(str(exc))
+        except CorruptBody:
+            return errors.invalid_json(f"the body is not valid {encoding[:40]} data")
+        except DecodedTooLarge:
+            return errors.body_too_large(self.max_body)
 
     async def _forward(self, ctx: RequestContext) -> web.StreamResponse:
         canonical = ctx.canonical
@@ -249,6 +259,7 @@ class Pipeline:
         except UpstreamError as exc:
             ctx.upstream_s += time.perf_counter() - sent
             ctx.error_kind = exc.kind
+            ctx.status = exc.response.status
             self._finish(ctx, exc.response)
             return exc.response
         finally:

@@ -133,6 +133,7 @@ def test_malformed_bodies_get_400(sidecar: str, body: bytes) -> None:
         assert status == 400, (path, body[:20])
         assert _error(out)["code"] == "invalid_json"
         assert headers["x-sidecar-error"] == "invalid_json"
+        assert float(headers["x-sidecar-overhead-ms"]) >= 0
 
 
 def test_oversized_bodies_get_413(sidecars: SidecarFactory) -> None:
