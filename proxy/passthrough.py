@@ -10,9 +10,8 @@ from multidict import CIMultiDict
 
 from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
-from proxy.wire.headers import upstream_request_headers
+from proxy.wire.headers import OVERHEAD_HEADER, upstream_request_headers
 
-OVERHEAD_HEADER = "x-sidecar-overhead-ms"
 _PREFIX = "/v1/"
 
 

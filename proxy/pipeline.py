@@ -29,13 +29,17 @@ from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
 from proxy.wire.canonical import BadRequestBody, CanonicalRequest, Endpoint, parse_request
 from proxy.wire.encoding import CorruptBody, DecodedTooLarge, UnsupportedEncoding, decode_body
-from proxy.wire.headers import bearer_token, client_response_headers, upstream_request_headers
+from proxy.wire.headers import (
+    OVERHEAD_HEADER,
+    bearer_token,
+    client_response_headers,
+    upstream_request_headers,
+)
 from proxy.wire.sse import StreamTap
 from proxy.wire.usage import Usage, usage_from_body
 
 log = logging.getLogger("proxy.pipeline")
 
-OVERHEAD_HEADER = "x-sidecar-overhead-ms"
 _AGENT_ID_MAX = 128
 
 

@@ -24,6 +24,8 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 _DROP_RESPONSE_KEEP_LENGTH = _DROP_RESPONSE - {"content-length"}
 
 SIDECAR_PREFIX = "x-sidecar-"
+# Time spent in the sidecar on a request, upstream excluded, on every /v1 answer.
+OVERHEAD_HEADER = "x-sidecar-overhead-ms"
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
