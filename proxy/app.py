@@ -92,7 +92,6 @@ def build_app(cfg: SidecarConfig) -> web.Application:
         await upstream.start()
         log.info("upstream pool open for %s", upstream.host)
         yield
-        await pipeline.drain(cfg.server.shutdown_timeout_s)
         await upstream.close()
 
     async def on_shutdown(app: web.Application) -> None:

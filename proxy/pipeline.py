@@ -15,19 +15,18 @@ a no-op costs nothing per request.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import SidecarConfig
+from proxy.context import Identity, RequestContext, Stage
 from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
-from proxy.wire.canonical import BadRequestBody, CanonicalRequest, Endpoint, parse_request
+from proxy.wire.canonical import BadRequestBody, Endpoint, parse_request
 from proxy.wire.encoding import CorruptBody, DecodedTooLarge, UnsupportedEncoding, decode_body
 from proxy.wire.headers import (
     OVERHEAD_HEADER,
@@ -36,64 +35,10 @@ from proxy.wire.headers import (
     upstream_request_headers,
 )
 from proxy.wire.sse import StreamTap
-from proxy.wire.usage import Usage, usage_from_body
 
 log = logging.getLogger("proxy.pipeline")
 
 _AGENT_ID_MAX = 128
-
-
-@dataclass(slots=True)
-class Identity:
-    """Who a request is for. The API key itself is never kept, only its hash."""
-
-    namespace: str
-    tenant: str
-    agent: str | None
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """Everything the stages know about one request, passed explicitly from stage to stage."""
-
-    request: web.Request
-    canonical: CanonicalRequest
-    started: float
-    identity: Identity | None = None
-    # Headers stages want on the response (x-sidecar-*, x-ratelimit-*).
-    response_headers: dict[str, str] = field(default_factory=dict)
-    upstream_s: float = 0.0
-    status: int | None = None
-    response_body: bytes | None = None
-    stream_usage: Usage | None = None
-    stream_complete: bool = False
-    error_kind: str | None = None
-
-    def overhead_ms(self, now: float | None = None) -> float:
-        """Time spent in the sidecar so far, upstream time excluded."""
-        end = time.perf_counter() if now is None else now
-        return (end - self.started - self.upstream_s) * 1000.0
-
-    def usage(self) -> Usage | None:
-        """Real token usage, from the stream or the response body (parsed on demand)."""
-        if self.stream_usage is not None:
-            return self.stream_usage
-        if self.response_body is not None and self.status == 200:
-            return usage_from_body(self.response_body)
-        return None
-
-
-class Stage:
-    """Base of pipeline stages: override the hooks the stage needs."""
-
-    name = "stage"
-
-    async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
-        """Before the upstream call; return a response to answer the request here."""
-        return None
-
-    async def on_settle(self, ctx: RequestContext) -> None:
-        """After the response was sent; off the response path."""
 
 
 class IdentifyStage(Stage):
@@ -171,37 +116,38 @@ class Pipeline:
         self.max_body = cfg.server.max_body_bytes
         self.inject_usage = cfg.upstream.inject_stream_usage
         self._request_hooks = [s for s in stages if _overrides(s, "on_request")]
-        self._settle_hooks = [s for s in stages if _overrides(s, "on_settle")]
-        self._background: set[asyncio.Task[None]] = set()
+        # Reverse order on the way out: the first stage in is the last out.
+        self._settle_hooks = [s for s in reversed(stages) if _overrides(s, "on_settle")]
+        self._reject_hooks = [s for s in stages if _overrides(s, "on_reject")]
         self._urls = {ep: upstream.url(ep.value) for ep in Endpoint}
 
     async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """Serve one intercepted request."""
         started = time.perf_counter()
+        started_ns = time.time_ns()
         # 1 parse
         raw = await self._read_body(request)
         if isinstance(raw, web.Response):
-            raw.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
-            return raw
+            return self._reject(endpoint, started, raw)
         try:
             canonical = parse_request(endpoint, raw)
         except BadRequestBody as exc:
-            bad = errors.invalid_json(str(exc))
-            bad.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
-            return bad
-        ctx = RequestContext(request, canonical, started)
-        # 2-5 identify, cache, route, limit
+            return self._reject(endpoint, started, errors.invalid_json(str(exc)))
+        ctx = RequestContext(request, canonical, started, started_ns)
+        # 2-5 identify, cache, route, limit: any stage may answer by itself
+        response: web.StreamResponse | None = None
         for stage in self._request_hooks:
-            reply = await stage.on_request(ctx)
-            if reply is not None:
-                ctx.status = reply.status
-                self._finish(ctx, reply)
-                return reply
+            response = await stage.on_request(ctx)
+            if response is not None:
+                ctx.status = response.status
+                self._add_headers(ctx, response.headers)
+                break
         # 6 forward
-        response = await self._forward(ctx)
+        if response is None:
+            response = await self._forward(ctx)
         # 7-8 settle, telemetry
         if self._settle_hooks:
-            self._spawn_settle(ctx)
+            await self._send_then_settle(ctx, response)
         return response
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
@@ -225,6 +171,13 @@ class Pipeline:
         except DecodedTooLarge:
             return errors.body_too_large(self.max_body)
 
+    def _reject(self, endpoint: Endpoint, started: float, reply: web.Response) -> web.Response:
+        reply.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
+        code = reply.headers.get("x-sidecar-error", "rejected")
+        for stage in self._reject_hooks:
+            stage.on_reject(endpoint, reply.status, code)
+        return reply
+
     async def _forward(self, ctx: RequestContext) -> web.StreamResponse:
         canonical = ctx.canonical
         hide_usage = False
@@ -238,16 +191,15 @@ class Pipeline:
         headers = upstream_request_headers(ctx.request.headers, self.upstream.api_key,
                                            identity_encoding=True)
         headers.popall("Content-Encoding", None)  # the body was decoded to be read
+        if ctx.upstream_headers:
+            headers.update(ctx.upstream_headers)
         sent = time.perf_counter()
+        sent_ns = time.time_ns()
         try:
             resp = await self.upstream.send("POST", self._urls[canonical.endpoint], headers,
                                             canonical.wire_body(), stream=canonical.stream)
         except UpstreamError as exc:
-            ctx.upstream_s += time.perf_counter() - sent
-            ctx.error_kind = exc.kind
-            ctx.status = exc.response.status
-            self._finish(ctx, exc.response)
-            return exc.response
+            return self._upstream_failed(ctx, exc, sent, sent_ns)
         ctx.upstream_s += time.perf_counter() - sent
         ctx.status = resp.status
         if self.upstream.is_event_stream(resp):
@@ -256,24 +208,34 @@ class Pipeline:
                 ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
             ctx.stream_usage = tap.usage
             ctx.stream_complete = tap.done
+            ctx.first_chunk_ns = tap.first_ns or None
+            if tap.failure is not None:
+                ctx.error_kind = tap.failure
+            ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status)
             return out
         sent = time.perf_counter()
         try:
             body = await self.upstream.read_body(resp)
         except UpstreamError as exc:
-            ctx.upstream_s += time.perf_counter() - sent
-            ctx.error_kind = exc.kind
-            ctx.status = exc.response.status
-            self._finish(ctx, exc.response)
-            return exc.response
+            return self._upstream_failed(ctx, exc, sent, sent_ns)
         finally:
             resp.release()
         ctx.upstream_s += time.perf_counter() - sent
+        ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status)
         ctx.response_body = body
         headers_out = client_response_headers(resp.headers)
         self._add_headers(ctx, headers_out)
         return web.Response(status=resp.status, reason=resp.reason, body=body,
                             headers=headers_out)
+
+    def _upstream_failed(self, ctx: RequestContext, exc: UpstreamError, sent: float,
+                         sent_ns: int) -> web.Response:
+        ctx.upstream_s += time.perf_counter() - sent
+        ctx.error_kind = exc.kind
+        ctx.status = exc.response.status
+        ctx.record_phase("upstream", sent_ns, time.time_ns(), error=exc.kind)
+        self._add_headers(ctx, exc.response.headers)
+        return exc.response
 
     @staticmethod
     def _add_headers(ctx: RequestContext, headers: CIMultiDict[str]) -> None:
@@ -281,22 +243,18 @@ class Pipeline:
             headers[name] = value
         headers[OVERHEAD_HEADER] = f"{ctx.overhead_ms():.3f}"
 
-    def _finish(self, ctx: RequestContext, reply: web.StreamResponse) -> None:
-        self._add_headers(ctx, reply.headers)
-
-    def _spawn_settle(self, ctx: RequestContext) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(ctx))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _settle(self, ctx: RequestContext) -> None:
+    async def _send_then_settle(self, ctx: RequestContext,
+                                response: web.StreamResponse) -> None:
+        # The client gets its answer first; settle work never delays it.
+        try:
+            if not response.prepared:
+                await response.prepare(ctx.request)
+                await response.write_eof()
+        except ConnectionResetError:
+            ctx.error_kind = ctx.error_kind or "client_disconnected"
+        ctx.finished_ns = time.time_ns()
         for stage in self._settle_hooks:
             try:
                 await stage.on_settle(ctx)
             except Exception:
                 log.exception("settle hook of stage %s failed", stage.name)
-
-    async def drain(self, limit_s: float) -> None:
-        """Wait for background settle work at shutdown (bounded by ``limit_s``)."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=limit_s)

@@ -204,6 +204,8 @@ class Upstream:
         except ConnectionResetError:
             log.info("client went away mid-response; upstream request cancelled")
         except UpstreamError as exc:
+            if tap is not None:
+                tap.failure = exc.kind
             await self._relay_failed(request, out, exc.kind, sse=tap is not None)
         finally:
             if complete:

@@ -7,6 +7,7 @@ that client must see the stream it would have seen without the sidecar.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -75,7 +76,8 @@ class StreamTap:
     removed from every other chunk.
     """
 
-    __slots__ = ("_splitter", "done", "endpoint", "events", "hide_usage", "usage")
+    __slots__ = ("_splitter", "done", "endpoint", "events", "failure", "first_ns",
+                 "hide_usage", "usage")
 
     def __init__(self, endpoint: Endpoint, hide_usage: bool) -> None:
         self.endpoint = endpoint
@@ -83,14 +85,20 @@ class StreamTap:
         self.usage: Usage | None = None
         self.done = False
         self.events = 0
+        self.first_ns = 0  # wall clock of the first event relayed (time to first chunk)
+        self.failure: str | None = None  # set by the relay if the stream broke
         self._splitter = SSESplitter()
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes as read from upstream; return the complete events to relay now."""
         events = self._splitter.feed(data)
         if len(events) == 1:
-            return self.process(events[0]) or b""
-        return b"".join([e for e in map(self.process, events) if e is not None])
+            out = self.process(events[0]) or b""
+        else:
+            out = b"".join([e for e in map(self.process, events) if e is not None])
+        if out and not self.first_ns:
+            self.first_ns = time.time_ns()
+        return out
 
     def remainder(self) -> bytes:
         """Bytes after the last complete event, once the stream has ended."""

@@ -1,0 +1,115 @@
+"""What the pipeline's stages share about one request, and the Stage base class.
+
+A stage sees the request only through RequestContext; it never reaches into
+another stage. Stages that want something on the span call
+``ctx.annotate(...)``; stages that take measurable time record a phase, and
+telemetry turns phases into child spans after the response is sent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.wire.canonical import CanonicalRequest, Endpoint
+from proxy.wire.usage import Usage, usage_from_body
+
+# Span/metric attribute values the OpenTelemetry API accepts.
+AttributeValue = str | bool | int | float | tuple[str, ...]
+ATTRIBUTE_PREFIX = "llm_sidecar."
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who a request is for. The API key itself is never kept, only its hash."""
+
+    namespace: str
+    tenant: str
+    agent: str | None
+
+
+@dataclass(slots=True)
+class Phase:
+    """A timed piece of a request (upstream call, cache lookup), wall clock in ns."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything the stages know about one request, passed explicitly from stage to stage."""
+
+    request: web.Request
+    canonical: CanonicalRequest
+    started: float  # perf_counter, for durations
+    started_ns: int  # wall clock, for span timestamps
+    identity: Identity | None = None
+    # Headers stages want on the response (x-sidecar-*, x-ratelimit-*) and upstream.
+    response_headers: dict[str, str] = field(default_factory=dict)
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+    upstream_s: float = 0.0
+    status: int | None = None
+    response_body: bytes | None = None
+    stream_usage: Usage | None = None
+    stream_complete: bool = False
+    first_chunk_ns: int | None = None
+    finished_ns: int | None = None
+    error_kind: str | None = None
+    # Per-request state of the telemetry stage (trace and span ids).
+    trace: Any = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The intercepted endpoint."""
+        return self.canonical.endpoint
+
+    def annotate(self, key: str, value: AttributeValue) -> None:
+        """Add a sidecar attribute to this request's span (``llm_sidecar.<key>``)."""
+        self.attributes[ATTRIBUTE_PREFIX + key] = value
+
+    def record_phase(self, name: str, start_ns: int, end_ns: int,
+                     **attributes: AttributeValue) -> None:
+        """Record a timed stage (becomes a child span)."""
+        self.phases.append(Phase(name, start_ns, end_ns, attributes))
+
+    def overhead_ms(self, now: float | None = None) -> float:
+        """Time spent in the sidecar so far, upstream time excluded."""
+        end = time.perf_counter() if now is None else now
+        return (end - self.started - self.upstream_s) * 1000.0
+
+    def usage(self) -> Usage | None:
+        """Real token usage, from the stream or the response body (parsed on demand)."""
+        if self.stream_usage is not None:
+            return self.stream_usage
+        if self.response_body is not None and self.status == 200:
+            return usage_from_body(self.response_body)
+        return None
+
+
+class Stage:
+    """Base of pipeline stages: override the hooks the stage needs.
+
+    Hooks run in stage order on the way in and in reverse order on the way
+    out, like nested middleware, so the stage that opens something (a span)
+    is the last to close it.
+    """
+
+    name = "stage"
+
+    async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
+        """Before the upstream call; return a response to answer the request here."""
+        return None
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        """After the response was sent to the client."""
+
+    def on_reject(self, endpoint: Endpoint, status: int, code: str) -> None:
+        """A request refused before it could be parsed (bad body, too large)."""
