@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
 
 from proxy import __version__
 from proxy.config import SidecarConfig
+from proxy.context import Stage
 from proxy.health import Health, HealthRegistry, State
 from proxy.passthrough import Passthrough
 from proxy.pipeline import Pipeline, default_stages
+from proxy.telemetry.providers import Providers, build_providers, telemetry_disabled
+from proxy.telemetry.stage import TelemetryStage
 from proxy.upstream import Upstream
 from proxy.wire import errors
 from proxy.wire.canonical import Endpoint
@@ -30,6 +34,7 @@ CONFIG = web.AppKey("config", SidecarConfig)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 HEALTH = web.AppKey("health", HealthRegistry)
+TELEMETRY = web.AppKey("telemetry", Providers)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,38 +73,72 @@ class _Lifecycle:
         return Health(State.OK, "", {"uptime_s": round(time.time() - self.started, 1)})
 
 
-def build_app(cfg: SidecarConfig) -> web.Application:
-    """Create the sidecar application for ``cfg`` (not started)."""
+def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.Application:
+    """Create the sidecar application for ``cfg`` (not started).
+
+    ``env`` (default: the process environment) supplies the OTEL_* settings.
+    Raises TelemetryConfigError for an unusable OTEL_* value.
+    """
+    env = os.environ if env is None else env
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
     upstream = Upstream(cfg.upstream)
-    pipeline = Pipeline(cfg, upstream, default_stages(cfg))
+    providers: Providers | None = None
+    stages: list[Stage] = default_stages(cfg)
+    if cfg.telemetry.enabled and not telemetry_disabled(env):
+        providers = build_providers(env, cfg.telemetry.service_name)
+    if providers is not None and providers.active:
+        # First in, last out: its span encloses every other stage's work.
+        stages.insert(0, TelemetryStage(providers, upstream.host, upstream.port,
+                                        record_content=cfg.telemetry.record_content))
+    pipeline = Pipeline(cfg, upstream, stages)
     passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes)
-    health = HealthRegistry()
-    lifecycle = _Lifecycle()
+    health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream
     app[PIPELINE] = pipeline
     app[HEALTH] = health
-
-    async def config_health() -> Health:
-        return Health(State.OK, "", {"source": cfg.source})
-
-    health.register("process", lifecycle.health, critical=True)
-    health.register("config", config_health, critical=True)
-    health.register("upstream", upstream.health, critical=True)
+    if providers is not None:
+        app[TELEMETRY] = providers
 
     async def components(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         log.info("upstream pool open for %s", upstream.host)
         yield
         await upstream.close()
+        if providers is not None:
+            await providers.shutdown(min(5.0, cfg.server.shutdown_timeout_s))
 
     async def on_shutdown(app: web.Application) -> None:
         lifecycle.stopping = True
 
     app.cleanup_ctx.append(components)
     app.on_shutdown.append(on_shutdown)
+    _add_routes(app, pipeline, passthrough, health)
+    return app
 
+
+def _health_registry(cfg: SidecarConfig, upstream: Upstream, providers: Providers | None,
+                     lifecycle: _Lifecycle) -> HealthRegistry:
+    health = HealthRegistry()
+
+    async def config_health() -> Health:
+        return Health(State.OK, "", {"source": cfg.source})
+
+    async def telemetry_health() -> Health:
+        if providers is None:
+            return Health(State.OK, "disabled")
+        return Health(State.OK, "", {"traces": providers.trace_exporter,
+                                     "metrics": providers.metric_exporter})
+
+    health.register("process", lifecycle.health, critical=True)
+    health.register("config", config_health, critical=True)
+    health.register("upstream", upstream.health, critical=True)
+    health.register("telemetry", telemetry_health)
+    return health
+
+
+def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrough,
+                health: HealthRegistry) -> None:
     def intercepted(endpoint: Endpoint) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await pipeline.handle(request, endpoint)
@@ -131,4 +170,3 @@ def build_app(cfg: SidecarConfig) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_route("*", "/v1/{tail:.*}", _guarded(passthrough.handle))
     app.router.add_route("*", "/{tail:.*}", unknown)
-    return app

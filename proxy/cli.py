@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy import logs
     from proxy.app import build_app
     from proxy.server import serve_forever
+    from proxy.telemetry.providers import TelemetryConfigError
 
     cfg = _load(args.config)
     server = cfg.server
@@ -56,7 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, upstream=dataclasses.replace(
             cfg.upstream, base_url=args.upstream))
     logs.configure(cfg.logging.level, cfg.logging.format)
-    run(serve_forever(build_app(cfg), cfg))
+    try:
+        app = build_app(cfg)
+    except TelemetryConfigError as exc:
+        print(f"llm-sidecar: invalid telemetry environment: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    run(serve_forever(app, cfg))
     return 0
 
 

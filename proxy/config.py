@@ -125,6 +125,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """OpenTelemetry. Exporters, endpoints and sampling come from the standard OTEL_* env."""
+
+    enabled: bool = field(default=True, metadata=_meta(
+        "Traces and metrics on (OTEL_SDK_DISABLED=true also switches them off)."))
+    service_name: str = field(default="llm-sidecar", metadata=_meta(
+        "service.name resource attribute (OTEL_SERVICE_NAME wins)."))
+    record_content: bool = field(default=False, metadata=_meta(
+        "Record prompts and answers on spans. Off: they are sensitive."))
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """The whole configuration. ``source`` records where it came from, for /status."""
 
@@ -132,6 +144,7 @@ class SidecarConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: str = field(default="embedded defaults", compare=False,
                         metadata=_meta("(set by the loader)"))
 

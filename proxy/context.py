@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.wire.canonical import CanonicalRequest, Endpoint
-from proxy.wire.usage import Usage, usage_from_body
+from proxy.wire.usage import ResponseSummary, Usage
 
 # Span/metric attribute values the OpenTelemetry API accepts.
 AttributeValue = str | bool | int | float | tuple[str, ...]
@@ -58,8 +58,10 @@ class RequestContext:
     upstream_s: float = 0.0
     status: int | None = None
     response_body: bytes | None = None
-    stream_usage: Usage | None = None
+    # Set from the stream as it passes; for a JSON answer, parsed on first use.
+    stream_summary: ResponseSummary | None = None
     stream_complete: bool = False
+    reported_overhead_ms: float | None = None
     first_chunk_ns: int | None = None
     finished_ns: int | None = None
     error_kind: str | None = None
@@ -85,13 +87,18 @@ class RequestContext:
         end = time.perf_counter() if now is None else now
         return (end - self.started - self.upstream_s) * 1000.0
 
+    def summary(self) -> ResponseSummary:
+        """Id, model, finish reasons and usage of the answer (parsed once, on demand)."""
+        if self.stream_summary is None:
+            body = self.response_body
+            self.stream_summary = (ResponseSummary.from_body(body)
+                                   if body is not None and self.status == 200
+                                   else ResponseSummary())
+        return self.stream_summary
+
     def usage(self) -> Usage | None:
-        """Real token usage, from the stream or the response body (parsed on demand)."""
-        if self.stream_usage is not None:
-            return self.stream_usage
-        if self.response_body is not None and self.status == 200:
-            return usage_from_body(self.response_body)
-        return None
+        """Real token usage reported by the provider, if any."""
+        return self.summary().usage
 
 
 class Stage:

@@ -1,6 +1,6 @@
 """One intercepted request's journey, stage by stage.
 
-parse -> identify -> cache -> route -> limit -> forward -> settle -> telemetry
+telemetry( parse -> identify -> cache -> route -> limit -> forward -> settle )
 
 A stage is a small object with two hooks, both optional:
 
@@ -91,16 +91,10 @@ class LimitStage(Stage):
     name = "limit"
 
 
-class TelemetryStage(Stage):
-    """Spans and metrics. No-op until issue 3."""
-
-    name = "telemetry"
-
-
 def default_stages(cfg: SidecarConfig) -> list[Stage]:
-    """The stages in journey order."""
+    """The request stages in journey order (telemetry, when on, wraps them all)."""
     return [IdentifyStage(cfg.identity.namespace, cfg.identity.agent_header),
-            CacheStage(), RouteStage(), LimitStage(), TelemetryStage()]
+            CacheStage(), RouteStage(), LimitStage()]
 
 
 def _overrides(stage: Stage, hook: str) -> bool:
@@ -206,7 +200,7 @@ class Pipeline:
             tap = StreamTap(canonical.endpoint, hide_usage)
             out = await self.upstream.relay(
                 ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
-            ctx.stream_usage = tap.usage
+            ctx.stream_summary = tap.summary()
             ctx.stream_complete = tap.done
             ctx.first_chunk_ns = tap.first_ns or None
             if tap.failure is not None:
@@ -241,7 +235,8 @@ class Pipeline:
     def _add_headers(ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         for name, value in ctx.response_headers.items():
             headers[name] = value
-        headers[OVERHEAD_HEADER] = f"{ctx.overhead_ms():.3f}"
+        ctx.reported_overhead_ms = overhead = ctx.overhead_ms()
+        headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
 
     async def _send_then_settle(self, ctx: RequestContext,
                                 response: web.StreamResponse) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import openai
 import pytest
+from aiohttp import web
 
 from loadtest.mock_upstream import MockConfig, MockUpstream
 from proxy.app import build_app
@@ -68,21 +69,29 @@ class SidecarFactory:
         self.lt = loop_thread
         self.mock = mock
         self.stack = AsyncExitStack()
+        self.apps: dict[str, web.Application] = {}
 
     def start(self, *, upstream: UpstreamConfig | None = None,
-              server: ServerConfig | None = None, **sections: Any) -> str:
-        """Start a sidecar and return its OpenAI base URL (``http://127.0.0.1:PORT/v1``)."""
+              server: ServerConfig | None = None, env: dict[str, str] | None = None,
+              **sections: Any) -> str:
+        """Start a sidecar and return its OpenAI base URL (``http://127.0.0.1:PORT/v1``).
+
+        ``env`` stands in for the process environment (OTEL_* settings); by
+        default telemetry is off, as on a machine without a collector.
+        """
         cfg = SidecarConfig(
             server=server or ServerConfig(port=0),
             upstream=upstream or UpstreamConfig(base_url=self.mock.url),
             **sections)
+        app = build_app(cfg, env=env or {})
 
         async def go() -> str:
-            url: str = await self.stack.enter_async_context(
-                running(build_app(cfg), cfg, port=0))
+            url: str = await self.stack.enter_async_context(running(app, cfg, port=0))
             return url + "/v1"
 
-        return self.lt.call(go())
+        url = self.lt.call(go())
+        self.apps[url] = app
+        return url
 
     def close(self) -> None:
         self.lt.call(self.stack.aclose())

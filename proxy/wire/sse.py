@@ -7,13 +7,14 @@ that client must see the stream it would have seen without the sidecar.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import orjson
 
 from proxy.wire.canonical import Endpoint
-from proxy.wire.usage import Usage
+from proxy.wire.usage import ResponseSummary, Usage
 
 _LF2 = b"\n\n"
 _CRLF2 = b"\r\n\r\n"
@@ -21,6 +22,10 @@ _DONE = b"[DONE]"
 # OpenAI serializes chunks compactly with usage as the last key: the common
 # case is then a byte-level removal, with a JSON round trip as the fallback.
 _USAGE_NULL_TAIL = b',"usage":null}\n\n'
+# Telemetry reads ids and finish reasons off the raw events, without decoding them.
+_ID = re.compile(rb'"id":\s*"([^"\\]{1,200})"')
+_MODEL = re.compile(rb'"model":\s*"([^"\\]{1,200})"')
+_FINISH = re.compile(rb'"finish_reason":\s*"([a-z_]{1,40})"')
 
 
 class SSESplitter:
@@ -76,8 +81,8 @@ class StreamTap:
     removed from every other chunk.
     """
 
-    __slots__ = ("_splitter", "done", "endpoint", "events", "failure", "first_ns",
-                 "hide_usage", "usage")
+    __slots__ = ("_splitter", "done", "endpoint", "events", "failure", "finish_reasons",
+                 "first_ns", "hide_usage", "response_id", "response_model", "usage")
 
     def __init__(self, endpoint: Endpoint, hide_usage: bool) -> None:
         self.endpoint = endpoint
@@ -87,6 +92,9 @@ class StreamTap:
         self.events = 0
         self.first_ns = 0  # wall clock of the first event relayed (time to first chunk)
         self.failure: str | None = None  # set by the relay if the stream broke
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.finish_reasons: list[str] = []
         self._splitter = SSESplitter()
 
     def feed(self, data: bytes) -> bytes:
@@ -104,16 +112,32 @@ class StreamTap:
         """Bytes after the last complete event, once the stream has ended."""
         return self._splitter.remainder()
 
+    def summary(self) -> ResponseSummary:
+        """What the stream said about itself: id, model, finish reasons, usage."""
+        return ResponseSummary(self.response_id, self.response_model,
+                               tuple(self.finish_reasons), self.usage)
+
     def process(self, event: bytes) -> bytes | None:
         """Return the event to relay (possibly rewritten), or None to drop it."""
         self.events += 1
         if self.endpoint is Endpoint.RESPONSES:
-            if b'"response.completed"' in event:
+            if b'"response.completed"' in event or b'"response.incomplete"' in event:
                 self.done = True
                 doc = _loads(event_data(event))
-                if doc is not None and isinstance(doc.get("response"), dict):
-                    self.usage = Usage.from_openai(doc["response"].get("usage"))
+                if doc is not None:
+                    s = ResponseSummary.from_document(doc.get("response"))
+                    self.usage, self.response_id, self.response_model = s.usage, s.id, s.model
+                    self.finish_reasons = list(s.finish_reasons)
             return event
+        if self.events == 1:
+            if m := _ID.search(event):
+                self.response_id = m.group(1).decode()
+            if m := _MODEL.search(event):
+                self.response_model = m.group(1).decode()
+        if b'"finish_reason":' in event:
+            for reason in _FINISH.findall(event):
+                if (r := reason.decode()) not in self.finish_reasons:
+                    self.finish_reasons.append(r)
         if b'"usage"' not in event:
             if _DONE in event and event_data(event) == _DONE:
                 self.done = True

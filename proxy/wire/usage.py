@@ -35,6 +35,41 @@ class Usage:
         return cls(inp, out, total, cached, reasoning)
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseSummary:
+    """What telemetry reports about an answer: its id, model, finish reasons and usage."""
+
+    id: str | None = None
+    model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    usage: Usage | None = None
+
+    @classmethod
+    def from_document(cls, doc: Any) -> ResponseSummary:
+        """Summarize a decoded chat/completions/embeddings/responses object."""
+        if not isinstance(doc, dict):
+            return cls()
+        reasons: list[str] = []
+        choices = doc.get("choices")
+        if isinstance(choices, list):
+            reasons = [c["finish_reason"] for c in choices
+                       if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+        elif isinstance(doc.get("status"), str) and doc.get("object") == "response":
+            reasons = [doc["status"]]
+        rid, model = doc.get("id"), doc.get("model")
+        return cls(rid if isinstance(rid, str) else None,
+                   model if isinstance(model, str) else None,
+                   tuple(reasons), Usage.from_openai(doc.get("usage")))
+
+    @classmethod
+    def from_body(cls, body: bytes) -> ResponseSummary:
+        """Summarize a complete JSON response body (empty summary if it is not JSON)."""
+        try:
+            return cls.from_document(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            return cls()
+
+
 def usage_from_body(body: bytes) -> Usage | None:
     """Usage from a complete JSON response body, or None if it has none."""
     if b'"usage"' not in body:

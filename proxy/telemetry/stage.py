@@ -1,0 +1,232 @@
+"""The telemetry stage: trace context in, spans and metrics out.
+
+On the way in it only reads the agent's ``traceparent``, picks the ids of the
+spans it will create and the sampling decision, and sets the ``traceparent``
+the upstream will see (the sidecar's upstream span as parent). Everything
+else happens in ``on_settle``, after the client has its answer: the request
+span (``{operation} {model}``, GenAI attributes), one child span per recorded
+phase (the upstream call, later cache and rate-limit phases) and the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+
+from proxy.context import ATTRIBUTE_PREFIX, AttributeValue, RequestContext, Stage
+from proxy.telemetry.instruments import Instruments, Labels
+from proxy.telemetry.providers import Providers
+from proxy.telemetry.tracecontext import (
+    format_traceparent,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+)
+from proxy.wire.canonical import Endpoint
+
+PROVIDER = "openai"
+_REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
+                   ("max_completion_tokens", "gen_ai.request.max_tokens"),
+                   ("max_output_tokens", "gen_ai.request.max_tokens"),
+                   ("temperature", "gen_ai.request.temperature"),
+                   ("top_p", "gen_ai.request.top_p"))
+_TRACER = "llm-sidecar"
+
+
+@dataclass(slots=True)
+class _Trace:
+    trace_id: int
+    span_id: int
+    upstream_span_id: int
+    parent: Context | None
+
+
+class TelemetryStage(Stage):
+    """Spans and metrics for intercepted requests (see the module docstring)."""
+
+    name = "telemetry"
+
+    def __init__(self, providers: Providers, upstream_host: str, upstream_port: int | None,
+                 *, record_content: bool = False) -> None:
+        self.providers = providers
+        self.server_address = upstream_host
+        self.server_port = upstream_port
+        self.record_content = record_content
+        tp: TracerProvider | None = providers.tracer_provider
+        self.tracer = tp.get_tracer(_TRACER) if tp is not None else None
+        self.sampler = tp.sampler if tp is not None else None
+        mp = providers.meter_provider
+        self.instruments = Instruments(mp.get_meter(_TRACER)) if mp is not None else None
+
+    # ------------------------------------------------------------ request path
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if self.tracer is None or self.sampler is None:
+            return None
+        headers = ctx.request.headers
+        incoming = parse_traceparent(headers.get("traceparent"))
+        parent = None
+        if incoming is not None:
+            trace_id, parent_span, flags = incoming
+            state = headers.get("tracestate")
+            parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+                trace_id, parent_span, is_remote=True, trace_flags=TraceFlags(flags),
+                trace_state=TraceState.from_header([state]) if state else None)))
+        else:
+            trace_id = new_trace_id()
+        decision = self.sampler.should_sample(
+            parent, trace_id, self._span_name(ctx), SpanKind.SERVER).decision
+        sampled = decision is Decision.RECORD_AND_SAMPLE
+        upstream_span_id = new_span_id()
+        ctx.upstream_headers["traceparent"] = format_traceparent(
+            trace_id, upstream_span_id, sampled)
+        if sampled:
+            ctx.trace = _Trace(trace_id, new_span_id(), upstream_span_id, parent)
+        return None
+
+    @staticmethod
+    def _span_name(ctx: RequestContext) -> str:
+        op = ctx.endpoint.operation
+        return f"{op} {ctx.canonical.model}" if ctx.canonical.model else op
+
+    # ------------------------------------------------------------ after the answer
+
+    def on_reject(self, endpoint: Endpoint, status: int, code: str) -> None:
+        if self.instruments is not None:
+            self.instruments.requests.add(1, {"gen_ai.operation.name": endpoint.operation,
+                                              "http.response.status_code": status})
+
+    async def on_settle(self, ctx: RequestContext) -> None:
+        error = self._error_type(ctx)
+        if self.instruments is not None:
+            self._record_metrics(ctx, self.instruments, error)
+        if ctx.trace is not None and self.tracer is not None:
+            self._emit_spans(ctx, ctx.trace, self.tracer, error)
+
+    @staticmethod
+    def _error_type(ctx: RequestContext) -> str | None:
+        if ctx.error_kind is not None:
+            return ctx.error_kind
+        if ctx.status is not None and ctx.status >= 400:
+            return str(ctx.status)
+        return None
+
+    def _record_metrics(self, ctx: RequestContext, ins: Instruments, error: str | None) -> None:
+        op = ctx.endpoint.operation
+        labels: Labels = {"gen_ai.operation.name": op, "gen_ai.provider.name": PROVIDER,
+                          "gen_ai.request.model": ins.model_label(ctx.canonical.model)}
+        finished = ctx.finished_ns or ctx.started_ns
+        timed = labels if error is None else {**labels, "error.type": error}
+        ins.duration.record((finished - ctx.started_ns) / 1e9, timed)
+        if ctx.first_chunk_ns is not None:
+            ins.time_to_first_chunk.record((ctx.first_chunk_ns - ctx.started_ns) / 1e9, labels)
+        usage = ctx.usage()
+        if usage is not None:
+            ins.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
+            ins.token_usage.record(usage.output_tokens,
+                                   {**labels, "gen_ai.token.type": "output"})
+        ins.requests.add(1, {"gen_ai.operation.name": op,
+                             "http.response.status_code": ctx.status or 0})
+        if ctx.error_kind is not None:
+            ins.upstream_errors.add(1, {"error.type": ctx.error_kind})
+        if ctx.reported_overhead_ms is not None:
+            ins.overhead.record(ctx.reported_overhead_ms / 1000, {"gen_ai.operation.name": op})
+
+    def _emit_spans(self, ctx: RequestContext, tr: _Trace, tracer: trace.Tracer,
+                    error: str | None) -> None:
+        ids = self.providers.id_generator
+        ids.preset(None if tr.parent is not None else tr.trace_id, tr.span_id)
+        span = tracer.start_span(self._span_name(ctx), context=tr.parent, kind=SpanKind.SERVER,
+                                 attributes=self._attributes(ctx, error),
+                                 start_time=ctx.started_ns)
+        inner = trace.set_span_in_context(span)
+        for phase in ctx.phases:
+            is_upstream = phase.name == "upstream"
+            ids.preset(None, tr.upstream_span_id if is_upstream else None)
+            attrs: dict[str, AttributeValue] = {ATTRIBUTE_PREFIX + k: v
+                                                for k, v in phase.attributes.items()}
+            if is_upstream:
+                attrs["server.address"] = self.server_address
+                if self.server_port is not None:
+                    attrs["server.port"] = self.server_port
+            child = tracer.start_span(
+                f"{ATTRIBUTE_PREFIX}{phase.name}", context=inner,
+                kind=SpanKind.CLIENT if is_upstream else SpanKind.INTERNAL,
+                attributes=attrs, start_time=phase.start_ns)
+            child.end(end_time=phase.end_ns)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=ctx.finished_ns)
+
+    def _attributes(self, ctx: RequestContext, error: str | None) -> dict[str, AttributeValue]:
+        canonical = ctx.canonical
+        body = canonical.body
+        attrs: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": ctx.endpoint.operation,
+            "gen_ai.provider.name": PROVIDER,
+            "server.address": self.server_address,
+            f"{ATTRIBUTE_PREFIX}stream": canonical.stream,
+        }
+        if self.server_port is not None:
+            attrs["server.port"] = self.server_port
+        if canonical.model:
+            attrs["gen_ai.request.model"] = canonical.model
+        for key, attr in _REQUEST_PARAMS:
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attrs[attr] = value
+        summary = ctx.summary()
+        if summary.model:
+            attrs["gen_ai.response.model"] = summary.model
+        if summary.id:
+            attrs["gen_ai.response.id"] = summary.id
+        if summary.finish_reasons:
+            attrs["gen_ai.response.finish_reasons"] = summary.finish_reasons
+        if summary.usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = summary.usage.input_tokens
+            attrs["gen_ai.usage.output_tokens"] = summary.usage.output_tokens
+        if ctx.status is not None:
+            attrs["http.response.status_code"] = ctx.status
+        if error is not None:
+            attrs["error.type"] = error
+        ident = ctx.identity
+        if ident is not None:
+            attrs[f"{ATTRIBUTE_PREFIX}tenant"] = ident.tenant
+            attrs[f"{ATTRIBUTE_PREFIX}namespace"] = ident.namespace
+            if ident.agent:
+                attrs[f"{ATTRIBUTE_PREFIX}agent_id"] = ident.agent
+        if ctx.first_chunk_ns is not None:
+            attrs[f"{ATTRIBUTE_PREFIX}time_to_first_chunk_ms"] = round(
+                (ctx.first_chunk_ns - ctx.started_ns) / 1e6, 3)
+        if ctx.reported_overhead_ms is not None:
+            attrs[f"{ATTRIBUTE_PREFIX}overhead_ms"] = round(ctx.reported_overhead_ms, 3)
+        attrs.update(ctx.attributes)
+        if self.record_content:
+            attrs.update(_content(ctx))
+        return attrs
+
+
+def _content(ctx: RequestContext) -> dict[str, AttributeValue]:
+    # Only with telemetry.record_content: prompts and answers are sensitive.
+    out: dict[str, AttributeValue] = {}
+    payload: Any = ctx.canonical.payload
+    if payload is not None:
+        out["gen_ai.input.messages"] = orjson.dumps(payload).decode()[:65536]
+    if ctx.response_body is not None and ctx.status == 200:
+        out["gen_ai.output.messages"] = ctx.response_body[:65536].decode(errors="replace")
+    return out

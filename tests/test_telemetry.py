@@ -1,0 +1,222 @@
+"""Telemetry end to end: the sidecar exports OTLP/HTTP to a real receiver in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from proxy.app import TELEMETRY
+from proxy.config import TelemetryConfig
+from proxy.telemetry.providers import TelemetryConfigError, build_providers
+from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.otlp_receiver import OtlpReceiver
+
+AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+AGENT_SPAN = "00f067aa0ba902b7"
+MESSAGES: list[Any] = [{"role": "user", "content": "hello telemetry"}]
+
+
+@pytest.fixture(scope="module")
+def receiver(loop_thread: LoopThread) -> Iterator[tuple[OtlpReceiver, str]]:
+    rec = OtlpReceiver()
+    url = loop_thread.call(rec.start())
+    yield rec, url
+    loop_thread.call(rec.stop())
+
+
+@pytest.fixture(scope="module")
+def sidecars(loop_thread: LoopThread, mock: Mock,
+             receiver: tuple[OtlpReceiver, str]) -> Iterator[SidecarFactory]:
+    """This module's sidecars stop before the receiver does, so their last export lands."""
+    factory = SidecarFactory(loop_thread, mock)
+    yield factory
+    factory.close()
+
+
+def _flush(sidecars: SidecarFactory, url: str) -> None:
+    sidecars.apps[url][TELEMETRY].force_flush()
+
+
+def _by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [s for s in spans if s["name"] == name]
+
+
+@pytest.fixture(scope="module")
+def traced(sidecars: SidecarFactory, receiver: tuple[OtlpReceiver, str],
+           mock: Mock) -> dict[str, Any]:
+    """One traced sidecar and a known workload through it; returns what was captured."""
+    rec, endpoint = receiver
+    url = sidecars.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                              "POD_NAMESPACE": "agents", "POD_NAME": "agent-7"})
+    out: dict[str, Any] = {"url": url}
+    with openai.OpenAI(base_url=url, api_key="sk-secret-telemetry-key", max_retries=0) as c:
+        raw = c.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, temperature=0.2, max_tokens=50,
+            extra_headers={"traceparent": f"00-{AGENT_TRACE}-{AGENT_SPAN}-01",
+                           "x-agent-id": "planner-1"})
+        out["plain"] = raw.parse()
+        out["plain_upstream_headers"] = dict(mock.server.stats.last_requests[-1].headers)
+        out["stream"] = list(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                       stream=True))
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                                      extra_headers={"x-mock-error": "500"})
+        c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    _flush(sidecars, url)
+    out["spans"] = list(rec.spans)
+    return out
+
+
+def test_request_span_continues_agent_trace_with_genai_attributes(traced: dict[str, Any]) -> None:
+    plain = traced["plain"]
+    [span] = [s for s in _by_name(traced["spans"], "chat gpt-4o")
+              if s["trace_id"] == AGENT_TRACE]
+    assert span["parent_span_id"] == AGENT_SPAN  # child of the agent's span
+    assert span["kind"] == Span.SPAN_KIND_SERVER
+    a = span["attributes"]
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-4o"
+    assert a["gen_ai.response.model"] == plain.model
+    assert a["gen_ai.response.id"] == plain.id
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert a["gen_ai.request.temperature"] == 0.2
+    assert a["gen_ai.request.max_tokens"] == 50
+    assert a["gen_ai.usage.input_tokens"] == plain.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == plain.usage.completion_tokens
+    assert a["server.address"] == "127.0.0.1"
+    assert a["llm_sidecar.agent_id"] == "planner-1"
+    assert a["llm_sidecar.namespace"] == "default"
+    assert len(a["llm_sidecar.tenant"]) == 16
+    assert "error.type" not in a
+    assert "gen_ai.input.messages" not in a  # content is off by default
+    assert span["end"] > span["start"]
+
+
+def test_upstream_child_span_and_propagated_traceparent(traced: dict[str, Any]) -> None:
+    [span] = [s for s in _by_name(traced["spans"], "chat gpt-4o")
+              if s["trace_id"] == AGENT_TRACE]
+    [child] = [s for s in traced["spans"] if s["parent_span_id"] == span["span_id"]]
+    assert child["name"] == "llm_sidecar.upstream"
+    assert child["kind"] == Span.SPAN_KIND_CLIENT
+    assert child["attributes"]["llm_sidecar.status"] == 200
+    assert span["start"] <= child["start"] <= child["end"] <= span["end"]
+    sent = {k.lower(): v for k, v in traced["plain_upstream_headers"].items()}
+    # The provider sees the sidecar's upstream span as its parent, same trace.
+    assert sent["traceparent"] == f"00-{AGENT_TRACE}-{child['span_id']}-01"
+
+
+def test_stream_span_has_usage_and_time_to_first_chunk(traced: dict[str, Any]) -> None:
+    [span] = _by_name(traced["spans"], "chat gpt-4o-mini")
+    a = span["attributes"]
+    assert a["llm_sidecar.stream"] is True
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    # The client did not ask for usage; the sidecar still knows it.
+    assert a["gen_ai.usage.output_tokens"] == len(traced["stream"]) - 2
+    assert 0 < a["llm_sidecar.time_to_first_chunk_ms"] < (span["end"] - span["start"]) / 1e6
+    assert span["parent_span_id"] == ""  # no agent context: a new trace
+
+
+def test_error_span(traced: dict[str, Any]) -> None:
+    errored = [s for s in _by_name(traced["spans"], "chat gpt-4o")
+               if s["attributes"].get("error.type")]
+    assert len(errored) == 1
+    assert errored[0]["attributes"]["error.type"] == "500"
+    assert errored[0]["status"] == Status.STATUS_CODE_ERROR
+    assert _by_name(traced["spans"], "embeddings text-embedding-3-small")
+
+
+def test_no_secret_in_any_span(traced: dict[str, Any]) -> None:
+    blob = orjson.dumps(traced["spans"], default=str)
+    assert b"sk-secret-telemetry-key" not in blob
+    assert b"hello telemetry" not in blob
+
+
+def test_metrics_after_known_workload(traced: dict[str, Any],
+                                      receiver: tuple[OtlpReceiver, str]) -> None:
+    rec, _ = receiver
+    tokens = rec.points("gen_ai.client.token.usage")
+    by_type = {(p[0]["gen_ai.token.type"], p[0]["gen_ai.request.model"]): p[1] for p in tokens}
+    plain = traced["plain"]
+    assert by_type[("input", "gpt-4o")].sum == plain.usage.prompt_tokens
+    assert by_type[("output", "gpt-4o")].sum == plain.usage.completion_tokens
+    assert by_type[("output", "gpt-4o-mini")].count == 1
+    durations = rec.points("gen_ai.client.operation.duration")
+    assert sum(p.count for _, p in durations) == 4
+    assert [a for a, _ in durations if a.get("error.type") == "500"]
+    requests = {(a["gen_ai.operation.name"], a["http.response.status_code"]): p.as_int
+                for a, p in rec.points("llm_sidecar.requests")}
+    assert requests == {("chat", 200): 2, ("chat", 500): 1, ("embeddings", 200): 1}
+    [(_, ttfc)] = rec.points("llm_sidecar.time_to_first_chunk")
+    assert ttfc.count == 1
+    assert sum(p.count for _, p in rec.points("llm_sidecar.overhead")) == 4
+    resource = rec.resources[-1]
+    assert resource["service.name"] == "llm-sidecar"
+    assert resource["k8s.namespace.name"] == "agents"
+    assert resource["k8s.pod.name"] == "agent-7"
+
+
+def test_record_content_when_enabled(sidecars: SidecarFactory,
+                                     receiver: tuple[OtlpReceiver, str]) -> None:
+    rec, endpoint = receiver
+    url = sidecars.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                              "OTEL_METRICS_EXPORTER": "none"},
+                         telemetry=TelemetryConfig(record_content=True))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        c.chat.completions.create(model="content-model", messages=MESSAGES)
+    _flush(sidecars, url)
+    [span] = _by_name(rec.spans, "chat content-model")
+    assert "hello telemetry" in span["attributes"]["gen_ai.input.messages"]
+    assert "choices" in span["attributes"]["gen_ai.output.messages"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_collector_down_costs_requests_nothing(sidecars: SidecarFactory) -> None:
+    url = sidecars.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT":
+                              f"http://127.0.0.1:{_closed_port()}",
+                              "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+
+    async def go() -> list[int]:
+        async with openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0) as c:
+            rs = await asyncio.gather(*(c.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES) for _ in range(20)))
+        return [r.status_code for r in rs]
+
+    assert asyncio.run(go()) == [200] * 20
+    sidecars.apps[url][TELEMETRY].force_flush(timeout_ms=300)  # fails (logged), never raises
+
+
+def test_sdk_disabled_passes_agent_traceparent_untouched(sidecars: SidecarFactory,
+                                                         mock: Mock) -> None:
+    url = sidecars.start(env={"OTEL_SDK_DISABLED": "true",
+                              "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    assert TELEMETRY not in sidecars.apps[url]
+    tp = f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        c.chat.completions.create(model="m", messages=MESSAGES,
+                                  extra_headers={"traceparent": tp})
+    sent = {k.lower(): v for k, v in mock.server.stats.last_requests[-1].headers}
+    assert sent["traceparent"] == tp
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: must be otlp, console or none"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"},
+     "must be http/protobuf or grpc"),
+])
+def test_bad_otel_env_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(TelemetryConfigError, match=message):
+        build_providers(env, "llm-sidecar")
