@@ -22,6 +22,7 @@ from proxy.context import Stage
 from proxy.health import Health, HealthRegistry, State
 from proxy.passthrough import Passthrough
 from proxy.pipeline import Pipeline, default_stages
+from proxy.telemetry.prometheus import MetricsServer
 from proxy.telemetry.providers import Providers, build_providers, telemetry_disabled
 from proxy.telemetry.stage import TelemetryStage
 from proxy.upstream import Upstream
@@ -35,6 +36,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 HEALTH = web.AppKey("health", HealthRegistry)
 TELEMETRY = web.AppKey("telemetry", Providers)
+METRICS = web.AppKey("metrics", MetricsServer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,7 +87,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     providers: Providers | None = None
     stages: list[Stage] = default_stages(cfg)
     if cfg.telemetry.enabled and not telemetry_disabled(env):
-        providers = build_providers(env, cfg.telemetry.service_name)
+        providers = build_providers(env, cfg.telemetry.service_name,
+                                    prometheus=cfg.telemetry.prometheus_port is not None)
     if providers is not None and providers.active:
         # First in, last out: its span encloses every other stage's work.
         stages.insert(0, TelemetryStage(providers, upstream.host, upstream.port,
@@ -100,10 +103,20 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     if providers is not None:
         app[TELEMETRY] = providers
 
+    metrics_server = None
+    if providers is not None and providers.prometheus is not None:
+        metrics_server = MetricsServer(providers.prometheus, cfg.telemetry.prometheus_host,
+                                       cfg.telemetry.prometheus_port or 0)
+        app[METRICS] = metrics_server
+
     async def components(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         log.info("upstream pool open for %s", upstream.host)
+        if metrics_server is not None:
+            log.info("prometheus metrics on %s", await metrics_server.start())
         yield
+        if metrics_server is not None:
+            await metrics_server.stop()
         await upstream.close()
         if providers is not None:
             await providers.shutdown(min(5.0, cfg.server.shutdown_timeout_s))

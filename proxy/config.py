@@ -134,6 +134,10 @@ class TelemetryConfig:
         "service.name resource attribute (OTEL_SERVICE_NAME wins)."))
     record_content: bool = field(default=False, metadata=_meta(
         "Record prompts and answers on spans. Off: they are sensitive."))
+    prometheus_port: int | None = field(default=None, metadata=_meta(
+        "Serve GET /metrics (Prometheus text format) on this port; null: off.", ge=0))
+    prometheus_host: str = field(default="0.0.0.0", metadata=_meta(
+        "Address of the metrics listener (the pod IP is what Prometheus scrapes)."))
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,3 +220,51 @@ def test_sdk_disabled_passes_agent_traceparent_untouched(sidecars: SidecarFactor
 def test_bad_otel_env_is_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(TelemetryConfigError, match=message):
         build_providers(env, "llm-sidecar")
+
+
+def test_prometheus_names_follow_otel_translation() -> None:
+    from proxy.telemetry.prometheus import metric_name
+    assert metric_name("gen_ai.client.operation.duration", "s", counter=False,
+                       gauge=False) == "gen_ai_client_operation_duration_seconds"
+    assert metric_name("gen_ai.client.token.usage", "{token}", counter=False,
+                       gauge=False) == "gen_ai_client_token_usage"
+    assert metric_name("llm_sidecar.requests", "{request}", counter=True,
+                       gauge=False) == "llm_sidecar_requests_total"
+    assert metric_name("llm_sidecar.cache.ratio", "1", counter=False,
+                       gauge=True) == "llm_sidecar_cache_ratio"
+    assert metric_name("x.size", "By", counter=True, gauge=False) == "x_size_bytes_total"
+
+
+def test_prometheus_scrape_endpoint(sidecars: SidecarFactory) -> None:
+    import re
+
+    from proxy.app import METRICS
+    url = sidecars.start(env={}, telemetry=TelemetryConfig(prometheus_port=0,
+                                                           prometheus_host="127.0.0.1"))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        for _ in range(3):
+            c.chat.completions.create(model="prom-model", messages=MESSAGES)
+        list(c.chat.completions.create(model="prom-model", messages=MESSAGES, stream=True))
+    scrape_url = sidecars.apps[url][METRICS].url
+    assert scrape_url is not None
+
+    status, ctype, text = asyncio.run(_get(scrape_url))
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    assert ('llm_sidecar_requests_total{gen_ai_operation_name="chat",'
+            'http_response_status_code="200"} 4') in text
+    assert re.search(r'gen_ai_client_operation_duration_seconds_count\{[^}]*'
+                     r'gen_ai_request_model="prom-model"[^}]*\} 4', text)
+    assert re.search(r'gen_ai_client_token_usage_bucket\{[^}]*gen_ai_token_type="output"'
+                     r'[^}]*le="\+Inf"\} 4', text)
+    assert 'llm_sidecar_time_to_first_chunk_seconds_count' in text
+    assert "# TYPE llm_sidecar_overhead_seconds histogram" in text
+    assert re.search(r'target_info\{[^}]*service_name="llm-sidecar"', text)
+    # Only /metrics is on that port.
+    status, _, _ = asyncio.run(_get(scrape_url.replace("/metrics", "/v1/models")))
+    assert status == 404
+
+
+async def _get(url: str) -> tuple[int, str, str]:
+    import aiohttp
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, r.headers.get("Content-Type", ""), await r.text()

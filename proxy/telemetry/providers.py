@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from proxy import __version__
+from proxy.telemetry.prometheus import PrometheusReader
 from proxy.telemetry.tracecontext import PresetIdGenerator
 
 log = logging.getLogger("proxy.telemetry")
@@ -63,6 +64,7 @@ class Providers:
     id_generator: PresetIdGenerator
     trace_exporter: str
     metric_exporter: str
+    prometheus: PrometheusReader | None = None
 
     @property
     def active(self) -> bool:
@@ -188,9 +190,12 @@ def build_resource(env: Mapping[str, str], service_name: str) -> Resource:
     return Resource.create(attrs)
 
 
-def build_providers(env: Mapping[str, str], service_name: str,
-                    extra_readers: list[MetricReader] | None = None) -> Providers:
-    """Providers for the signals the environment asks for (not registered globally)."""
+def build_providers(env: Mapping[str, str], service_name: str, *,
+                    prometheus: bool = False) -> Providers:
+    """Providers for the signals the environment asks for (not registered globally).
+
+    ``prometheus`` adds a reader for the scrape endpoint.
+    """
     traces, metrics = _choice(env, "traces"), _choice(env, "metrics")
     resource = build_resource(env, service_name)
     ids = PresetIdGenerator()
@@ -199,10 +204,12 @@ def build_providers(env: Mapping[str, str], service_name: str,
         # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default parent-based always-on).
         tracer_provider = TracerProvider(resource=resource, id_generator=ids)
         tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(env, traces)))
-    readers: list[MetricReader] = list(extra_readers or [])
+    scrape = PrometheusReader() if prometheus else None
+    readers: list[MetricReader] = [scrape] if scrape is not None else []
     if metrics != "none":
         readers.append(PeriodicExportingMetricReader(_metric_exporter(env, metrics)))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers) \
         if readers else None
-    log.info("telemetry: traces -> %s, metrics -> %s", traces, metrics)
-    return Providers(tracer_provider, meter_provider, ids, traces, metrics)
+    log.info("telemetry: traces -> %s, metrics -> %s%s", traces, metrics,
+             " + prometheus scrape" if scrape else "")
+    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape)
