@@ -140,8 +140,7 @@ def _health_registry(cfg: SidecarConfig, upstream: Upstream, providers: Provider
     async def telemetry_health() -> Health:
         if providers is None:
             return Health(State.OK, "disabled")
-        return Health(State.OK, "", {"traces": providers.trace_exporter,
-                                     "metrics": providers.metric_exporter})
+        return await providers.health()
 
     health.register("process", lifecycle.health, critical=True)
     health.register("config", config_health, critical=True)

@@ -124,6 +124,14 @@ def test_stream_span_has_usage_and_time_to_first_chunk(traced: dict[str, Any]) -
     assert span["parent_span_id"] == ""  # no agent context: a new trace
 
 
+def test_telemetry_health_reports_successful_exports(traced: dict[str, Any]) -> None:
+    _, _, body = asyncio.run(_get(traced["url"].removesuffix("/v1") + "/status"))
+    comp = orjson.loads(body)["components"]["telemetry"]
+    assert comp["state"] == "ok"
+    assert comp["details"]["traces"]["exports_ok"] >= 1
+    assert comp["details"]["metrics"]["exports_ok"] >= 1
+
+
 def test_error_span(traced: dict[str, Any]) -> None:
     errored = [s for s in _by_name(traced["spans"], "chat gpt-4o")
                if s["attributes"].get("error.type")]
@@ -197,6 +205,14 @@ def test_collector_down_costs_requests_nothing(sidecars: SidecarFactory) -> None
 
     assert asyncio.run(go()) == [200] * 20
     sidecars.apps[url][TELEMETRY].force_flush(timeout_ms=300)  # fails (logged), never raises
+    status, _, body = asyncio.run(_get(url.removesuffix("/v1") + "/status"))
+    comp = orjson.loads(body)["components"]["telemetry"]
+    assert status == 200
+    assert comp["state"] == "degraded"
+    assert comp["reason"].startswith("export of traces")
+    assert comp["details"]["traces"]["exports_failed"] >= 1
+    ready, _, _ = asyncio.run(_get(url.removesuffix("/v1") + "/readyz"))
+    assert ready == 200  # telemetry is not critical: serving goes on
 
 
 def test_sdk_disabled_passes_agent_traceparent_untouched(sidecars: SidecarFactory,

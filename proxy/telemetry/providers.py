@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,6 +42,13 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from proxy import __version__
+from proxy.health import Health
+from proxy.telemetry.export_health import (
+    ExportRecord,
+    TrackedMetricExporter,
+    TrackedSpanExporter,
+    exports_health,
+)
 from proxy.telemetry.prometheus import PrometheusReader
 from proxy.telemetry.tracecontext import PresetIdGenerator
 
@@ -65,6 +72,13 @@ class Providers:
     trace_exporter: str
     metric_exporter: str
     prometheus: PrometheusReader | None = None
+    exports: list[ExportRecord] = field(default_factory=list)
+
+    async def health(self) -> Health:
+        """The telemetry component's health: which exporters, and whether exports succeed."""
+        return exports_health(self.exports, {"traces": self.trace_exporter,
+                                             "metrics": self.metric_exporter,
+                                             "prometheus": self.prometheus is not None})
 
     @property
     def active(self) -> bool:
@@ -199,17 +213,22 @@ def build_providers(env: Mapping[str, str], service_name: str, *,
     traces, metrics = _choice(env, "traces"), _choice(env, "metrics")
     resource = build_resource(env, service_name)
     ids = PresetIdGenerator()
+    records: list[ExportRecord] = []
     tracer_provider = None
     if traces != "none":
         # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default parent-based always-on).
         tracer_provider = TracerProvider(resource=resource, id_generator=ids)
-        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(env, traces)))
+        records.append(span_record := ExportRecord("traces"))
+        tracer_provider.add_span_processor(BatchSpanProcessor(
+            TrackedSpanExporter(_span_exporter(env, traces), span_record)))
     scrape = PrometheusReader() if prometheus else None
     readers: list[MetricReader] = [scrape] if scrape is not None else []
     if metrics != "none":
-        readers.append(PeriodicExportingMetricReader(_metric_exporter(env, metrics)))
+        records.append(metric_record := ExportRecord("metrics"))
+        readers.append(PeriodicExportingMetricReader(
+            TrackedMetricExporter(_metric_exporter(env, metrics), metric_record)))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers) \
         if readers else None
     log.info("telemetry: traces -> %s, metrics -> %s%s", traces, metrics,
              " + prometheus scrape" if scrape else "")
-    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape)
+    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape, records)
