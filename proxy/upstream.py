@@ -13,6 +13,7 @@ once and stops generating.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -37,6 +38,11 @@ _READ_SIZE = 2 ** 16
 # Outcomes remembered for the error-rate part of health.
 _WINDOW = 200
 _DEGRADED_ERROR_RATE = 0.5
+# Reachability probe: only after this long without a successful call, cached,
+# and well inside the health check's latency budget.
+_PROBE_AFTER_S = 30.0
+_PROBE_CACHE_S = 10.0
+_PROBE_TIMEOUT_S = 0.2
 
 
 class UpstreamError(Exception):
@@ -65,6 +71,8 @@ class Upstream:
         self.failures = 0
         self.last_failure: str | None = None
         self.last_failure_at: float | None = None
+        self._last_ok: float | None = None
+        self._probe: tuple[float, bool] | None = None
         # aiohttp's sock_read is a per-read silence limit, so it already is the
         # idle-between-chunks timeout; streams get their own bound through it
         # instead of a timer per event.
@@ -146,6 +154,8 @@ class Upstream:
                                "client_error", exc) from None
         self.requests += 1
         self._outcomes.append(resp.status < 500)
+        if resp.status < 500:
+            self._last_ok = time.monotonic()
         return resp
 
     def _failed(self, response: web.Response, kind: str, exc: BaseException) -> UpstreamError:
@@ -248,14 +258,41 @@ class Upstream:
 
     # ------------------------------------------------------------ health
 
+    async def reachable(self) -> bool:
+        """Whether a TCP connection to the upstream opens (cached; no HTTP, no key sent).
+
+        Only probed when no call succeeded recently: real traffic is the better
+        signal, and probes must not add load.
+        """
+        now = time.monotonic()
+        if self._last_ok is not None and now - self._last_ok < _PROBE_AFTER_S:
+            return True
+        if self._probe is not None and now - self._probe[0] < _PROBE_CACHE_S:
+            return self._probe[1]
+        port = self.port or (443 if self._base.startswith("https") else 80)
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                _, writer = await asyncio.open_connection(self.host, port)
+            writer.close()
+            ok = True
+        except (OSError, TimeoutError):
+            ok = False
+        self._probe = (now, ok)
+        return ok
+
     async def health(self) -> Health:
-        """Pool open and recent error rate (passive: no probe traffic upstream)."""
+        """Pool open, reachability, recent error rate."""
         details: dict[str, Any] = {
             "base_url": self._base, "requests": self.requests, "failures": self.failures,
             "last_failure": self.last_failure, "last_failure_at": self.last_failure_at,
         }
         if not self.is_open:
             return Health(State.DOWN, "upstream session is not open", details)
+        details["reachable"] = reachable = await self.reachable()
+        if not reachable:
+            # Degraded, not down: readiness failing would take the agent's whole
+            # pod out of service, and cached answers may still be served.
+            return Health(State.DEGRADED, f"cannot connect to {self.host}", details)
         window = self._outcomes
         if len(window) >= 20:
             rate = 1 - sum(window) / len(window)

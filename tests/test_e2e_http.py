@@ -181,6 +181,9 @@ def test_upstream_down_gives_502(sidecars: SidecarFactory) -> None:
     status, _, body = call("GET", url.removesuffix("/v1") + "/status")
     upstream = orjson.loads(body)["components"]["upstream"]
     assert upstream["details"]["last_failure"] == "connect_error"
+    assert upstream["details"]["reachable"] is False
+    assert upstream["state"] == "degraded"
+    assert upstream["reason"] == "cannot connect to 127.0.0.1"
 
 
 def test_upstream_timeout_gives_504(sidecars: SidecarFactory, mock: Mock) -> None:
@@ -263,7 +266,8 @@ def test_health_endpoints(sidecar: str) -> None:
     status, _, body = call("GET", f"{root}/status")
     doc = orjson.loads(body)
     assert status == 200
-    assert set(doc["components"]) >= {"process", "config", "upstream"}
+    assert set(doc["components"]) >= {"process", "config", "upstream", "telemetry"}
+    assert doc["components"]["upstream"]["details"]["reachable"] is True
     for comp in doc["components"].values():
         assert comp["state"] in ("ok", "degraded", "down")
         assert comp["last_check"] is not None
