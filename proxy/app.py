@@ -111,12 +111,14 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
 
     async def components(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        pipeline.settler.start()
         log.info("upstream pool open for %s", upstream.host)
         if metrics_server is not None:
             log.info("prometheus metrics on %s", await metrics_server.start())
         yield
         if metrics_server is not None:
             await metrics_server.stop()
+        await pipeline.settler.stop(min(5.0, cfg.server.shutdown_timeout_s))
         await upstream.close()
         if providers is not None:
             await providers.shutdown(min(5.0, cfg.server.shutdown_timeout_s))

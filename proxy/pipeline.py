@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from proxy.config import SidecarConfig
 from proxy.context import Identity, RequestContext, Stage
+from proxy.settle import Settler
 from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
 from proxy.wire.canonical import BadRequestBody, Endpoint, parse_request
@@ -112,6 +113,7 @@ class Pipeline:
         self._request_hooks = [s for s in stages if _overrides(s, "on_request")]
         # Reverse order on the way out: the first stage in is the last out.
         self._settle_hooks = [s for s in reversed(stages) if _overrides(s, "on_settle")]
+        self.settler = Settler(self._settle_hooks)
         self._reject_hooks = [s for s in stages if _overrides(s, "on_reject")]
         self._urls = {ep: upstream.url(ep.value) for ep in Endpoint}
 
@@ -248,8 +250,4 @@ class Pipeline:
         except ConnectionResetError:
             ctx.error_kind = ctx.error_kind or "client_disconnected"
         ctx.finished_ns = time.time_ns()
-        for stage in self._settle_hooks:
-            try:
-                await stage.on_settle(ctx)
-            except Exception:
-                log.exception("settle hook of stage %s failed", stage.name)
+        self.settler.submit(ctx)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from proxy.app import TELEMETRY
+from proxy.app import PIPELINE, TELEMETRY
 from proxy.config import TelemetryConfig
 from proxy.telemetry.providers import TelemetryConfigError, build_providers
 from tests.conftest import LoopThread, Mock, SidecarFactory
@@ -41,7 +41,9 @@ def sidecars(loop_thread: LoopThread, mock: Mock,
 
 
 def _flush(sidecars: SidecarFactory, url: str) -> None:
-    sidecars.apps[url][TELEMETRY].force_flush()
+    app = sidecars.apps[url]
+    sidecars.lt.call(app[PIPELINE].settler.join())  # every finished request settled
+    app[TELEMETRY].force_flush()
 
 
 def _by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -204,6 +206,7 @@ def test_collector_down_costs_requests_nothing(sidecars: SidecarFactory) -> None
         return [r.status_code for r in rs]
 
     assert asyncio.run(go()) == [200] * 20
+    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
     sidecars.apps[url][TELEMETRY].force_flush(timeout_ms=300)  # fails (logged), never raises
     status, _, body = asyncio.run(_get(url.removesuffix("/v1") + "/status"))
     comp = orjson.loads(body)["components"]["telemetry"]
@@ -261,6 +264,7 @@ def test_prometheus_scrape_endpoint(sidecars: SidecarFactory) -> None:
         for _ in range(3):
             c.chat.completions.create(model="prom-model", messages=MESSAGES)
         list(c.chat.completions.create(model="prom-model", messages=MESSAGES, stream=True))
+    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
     scrape_url = sidecars.apps[url][METRICS].url
     assert scrape_url is not None
 
