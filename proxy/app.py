@@ -89,12 +89,16 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     if cfg.telemetry.enabled and not telemetry_disabled(env):
         providers = build_providers(env, cfg.telemetry.service_name,
                                     prometheus=cfg.telemetry.prometheus_port is not None)
+    observer = None
     if providers is not None and providers.active:
         # First in, last out: its span encloses every other stage's work.
-        stages.insert(0, TelemetryStage(providers, upstream.host, upstream.port,
-                                        record_content=cfg.telemetry.record_content))
+        telemetry = TelemetryStage(providers, upstream.host, upstream.port,
+                                   record_content=cfg.telemetry.record_content)
+        stages.insert(0, telemetry)
+        if telemetry.instruments is not None:
+            observer = telemetry.instruments.passthrough_done
     pipeline = Pipeline(cfg, upstream, stages)
-    passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes)
+    passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes, observer)
     health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream

@@ -71,6 +71,7 @@ def traced(sidecars: SidecarFactory, receiver: tuple[OtlpReceiver, str],
             c.chat.completions.create(model="gpt-4o", messages=MESSAGES,
                                       extra_headers={"x-mock-error": "500"})
         c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+        c.models.list()
     _flush(sidecars, url)
     out["spans"] = list(rec.spans)
     return out
@@ -164,6 +165,9 @@ def test_metrics_after_known_workload(traced: dict[str, Any],
     requests = {(a["gen_ai.operation.name"], a["http.response.status_code"]): p.as_int
                 for a, p in rec.points("llm_sidecar.requests")}
     assert requests == {("chat", 200): 2, ("chat", 500): 1, ("embeddings", 200): 1}
+    [(attrs, relayed)] = rec.points("llm_sidecar.passthrough.requests")
+    assert attrs == {"http.request.method": "GET", "http.response.status_code": 200}
+    assert relayed.as_int == 1
     [(_, ttfc)] = rec.points("llm_sidecar.time_to_first_chunk")
     assert ttfc.count == 1
     assert sum(p.count for _, p in rec.points("llm_sidecar.overhead")) == 4

@@ -44,6 +44,9 @@ class Instruments:
         self.requests = meter.create_counter(
             "llm_sidecar.requests", unit="{request}",
             description="Requests answered, by operation and HTTP status.")
+        self.passthrough_requests = meter.create_counter(
+            "llm_sidecar.passthrough.requests", unit="{request}",
+            description="Requests relayed untouched (files, models, ...), by method and status.")
         self.upstream_errors = meter.create_counter(
             "llm_sidecar.upstream.errors", unit="{error}",
             description="Upstream exchanges that failed in the sidecar (no upstream answer).")
@@ -52,6 +55,13 @@ class Instruments:
             description="Time spent in the sidecar per request, upstream excluded.",
             explicit_bucket_boundaries_advisory=_OVERHEAD_BUCKETS)
         self._models: dict[str, str] = {}
+
+    def passthrough_done(self, method: str, status: int, failure: str | None) -> None:
+        """Count a finished pass-through request (an observer for Passthrough)."""
+        self.passthrough_requests.add(1, {"http.request.method": method[:16],
+                                          "http.response.status_code": status})
+        if failure is not None:
+            self.upstream_errors.add(1, {"error.type": failure})
 
     def model_label(self, model: str | None) -> str:
         """A bounded label value for a client-supplied model name."""
