@@ -1,0 +1,304 @@
+"""The Grafana dashboards in deploy/helm/dashboards, checked against a real Prometheus.
+
+A sidecar with its Prometheus listener serves a known workload (two chat
+models, a stream, embeddings, an upstream 500 and an upstream disconnect);
+a real ``prometheus`` process (Debian package, 2.42) scrapes it every second.
+Every panel query, with Grafana's variables substituted the way "All" would,
+must parse and return at least one real (non-NaN) sample.
+
+The workload runs twice, before the first scrape and after it, so every
+counter and histogram grows inside the ``rate()`` window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.app import METRICS
+from proxy.config import TelemetryConfig
+from tests.conftest import LoopThread, Mock, SidecarFactory
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "dashboards"
+EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview"}
+DEADLINE_S = 30.0
+MESSAGES = [{"role": "user", "content": "hello dashboards"}]
+
+# What Grafana would put in place of its variables with "All" selected.
+SUBSTITUTIONS = {
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "5m",
+    "namespace": ".*",
+    "model": ".*",
+}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+
+
+def substitute(expr: str) -> str:
+    """``expr`` with Grafana variables replaced; an unknown variable is an error."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in SUBSTITUTIONS:
+            raise AssertionError(f"unknown Grafana variable ${name} in {expr!r}")
+        return SUBSTITUTIONS[name]
+
+    return _VARIABLE.sub(repl, expr)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # panels inside collapsed rows
+
+
+def _dashboard_files() -> list[Path]:
+    return sorted(DASHBOARDS.glob("*.json"))
+
+
+def _targets() -> list[Any]:
+    params = []
+    for path in _dashboard_files():
+        for panel in _panels(_load(path)):
+            for target in panel.get("targets", []):
+                pid = f"{path.stem}:{panel.get('title')}:{target.get('refId')}"
+                params.append(pytest.param(path.name, panel.get("title"), target["expr"],
+                                           id=pid))
+    return params
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_dashboards_exist() -> None:
+    assert {p.name for p in _dashboard_files()} >= set(EXPECTED_UIDS)
+
+
+@pytest.mark.parametrize("path", _dashboard_files(), ids=lambda p: p.stem)
+def test_dashboard_structure(path: Path) -> None:
+    dash = _load(path)
+    assert dash["uid"] == EXPECTED_UIDS.get(path.name, path.stem)  # uid = file name
+    assert dash["title"].startswith("llm-sidecar / ")
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "model"):
+        assert variables[name]["type"] == "query", name
+        assert variables[name]["allValue"] == ".*", name
+    panels = list(_panels(dash))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids in {path.name}"
+    assert any(p.get("targets") for p in panels)
+    for panel in panels:
+        title = panel.get("title")
+        assert title, f"panel {panel.get('id')} in {path.name} has no title"
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), title
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, title
+        if panel["type"] == "row":
+            continue
+        assert panel.get("description"), f"{title}: no description"
+        assert panel["datasource"]["uid"] == "${datasource}", title
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{title}: no unit"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", title
+            expr = target["expr"]
+            if "rate(" in expr:
+                assert "[$__rate_interval]" in expr, f"{title}: {expr}"
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+class PrometheusAPI:
+    def __init__(self, base: str, log: Path) -> None:
+        self.base = base
+        self.log = log
+
+    def fetch(self, path: str, **params: Any) -> tuple[int, bytes]:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:  # 4xx/5xx: Prometheus explains in the body
+            with exc:
+                return exc.code, exc.read()
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self.fetch(path, **params)[1])
+        return body
+
+    def query(self, expr: str) -> dict[str, Any]:
+        return self.get("/api/v1/query", query=expr)
+
+    def values(self, expr: str) -> list[float]:
+        body = self.query(expr)
+        assert body.get("status") == "success", f"{expr}: {body}"
+        return [float(s["value"][1]) for s in body["data"]["result"]]
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_for(what: str, check: Callable[[], bool], api: PrometheusAPI | None,
+              deadline: float) -> None:
+    """Poll ``check`` until it holds; fail (with Prometheus' log) at the deadline."""
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, ValueError):
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            log = api.log_tail() if api is not None else ""
+            pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{log}")
+        time.sleep(0.1)
+
+
+def _workload(base_url: str) -> int:
+    """The known traffic; returns how many requests the sidecar answered."""
+    with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0,
+                       timeout=20) as c:
+        for model in ("dash-model-a", "dash-model-b"):
+            c.chat.completions.create(model=model, messages=MESSAGES)
+        chunks = list(c.chat.completions.create(model="dash-model-a", messages=MESSAGES,
+                                                stream=True))
+        assert chunks
+        c.embeddings.create(model="dash-embed", input="hello dashboards")
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(model="dash-model-a", messages=MESSAGES,
+                                      extra_headers={"x-mock-error": "500"})
+        with pytest.raises(openai.APIStatusError) as info:
+            c.chat.completions.create(model="dash-model-b", messages=MESSAGES,
+                                      extra_headers={"x-mock-disconnect": "before-headers"})
+        assert info.value.status_code == 502
+    return 6
+
+
+@pytest.fixture(scope="module")
+def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
+    binary = shutil.which("prometheus")
+    assert binary, "the prometheus binary is required (apt-get install prometheus; .ci/run)"
+    factory = SidecarFactory(loop_thread, mock)
+    tmp = tempfile.TemporaryDirectory(prefix="llm-sidecar-prom-")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        url = factory.start(env={}, telemetry=TelemetryConfig(prometheus_port=0,
+                                                              prometheus_host="127.0.0.1"))
+        scrape_url = factory.apps[url][METRICS].url
+        assert scrape_url is not None
+        target = scrape_url.removeprefix("http://").removesuffix("/metrics")
+        expected = _workload(url)
+
+        root = Path(tmp.name)
+        config = root / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "llm-sidecar", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": [target]}]}],
+        }))
+        port = _free_port()
+        log = root / "prometheus.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        api = PrometheusAPI(f"http://127.0.0.1:{port}", log)
+        deadline = time.monotonic() + DEADLINE_S
+
+        def running() -> bool:
+            assert proc is not None and proc.poll() is None, \
+                f"prometheus exited:\n{api.log_tail()}"
+            return api.fetch("/-/ready")[0] == 200
+
+        def total_is(n: int) -> Callable[[], bool]:
+            return lambda: running() and api.values(
+                "sum(llm_sidecar_requests_total)") == [float(n)]
+
+        _wait_for("prometheus to be ready", running, api, deadline)
+        # First scrapes: the first workload is in, and rate() has two samples.
+        _wait_for("the first workload in Prometheus", total_is(expected), api, deadline)
+        _wait_for("two scrapes", lambda: running() and bool(
+            api.values("count_over_time(up[1m]) >= 2")), api, deadline)
+        # Second workload, so every series grows inside the rate() window.
+        expected += _workload(url)
+        _wait_for("the second workload in Prometheus", total_is(expected), api, deadline)
+        yield api
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        factory.close()
+        tmp.cleanup()
+
+
+def test_regex_matcher_matches_series_without_the_label(prometheus: PrometheusAPI) -> None:
+    # The scrape here has no `namespace` target label, as with "All" outside Kubernetes.
+    assert prometheus.values('sum(llm_sidecar_requests_total{namespace=~".*"})') == \
+        prometheus.values("sum(llm_sidecar_requests_total)")
+
+
+@pytest.mark.parametrize(("dashboard", "title", "expr"), _targets())
+def test_panel_query_returns_data(prometheus: PrometheusAPI, dashboard: str, title: str,
+                                  expr: str) -> None:
+    promql = substitute(expr)
+    body = prometheus.query(promql)
+    where = f"{dashboard} / {title!r}: {promql}"
+    assert body.get("status") == "success", f"{where}\n-> {body}"
+    result = body["data"]["result"]
+    assert result, f"{where}\n-> no data"
+    values = [float(sample["value"][1]) for sample in result]
+    assert any(not math.isnan(v) for v in values), f"{where}\n-> only NaN: {result}"
+
+
+@pytest.mark.parametrize("path", _dashboard_files(), ids=lambda p: p.stem)
+def test_template_variables_resolve(prometheus: PrometheusAPI, path: Path) -> None:
+    """Each ``label_values(selector, label)`` variable selects existing series."""
+    found: dict[str, list[str]] = {}
+    for var in _load(path)["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        query = var["query"] if isinstance(var["query"], str) else var["query"]["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query.strip())
+        assert m, f"{var['name']}: {query}"
+        selector, label = substitute(m.group(1)), m.group(2)
+        series = prometheus.get("/api/v1/series", **{"match[]": selector})
+        assert series.get("status") == "success" and series["data"], \
+            f"{var['name']}: {selector} selects nothing: {series}"
+        body = prometheus.get(f"/api/v1/label/{label}/values", **{"match[]": selector})
+        assert body.get("status") == "success", f"{var['name']}: {body}"
+        found[var["name"]] = body["data"]
+    # No `namespace` label outside Kubernetes; the models are the workload's.
+    assert {"dash-model-a", "dash-model-b", "dash-embed"} <= set(found.get("model", []))
