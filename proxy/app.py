@@ -116,6 +116,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     async def components(app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         pipeline.settler.start()
+        if providers is not None:
+            await providers.start()
         log.info("upstream pool open for %s", upstream.host)
         if metrics_server is not None:
             log.info("prometheus metrics on %s", await metrics_server.start())

@@ -43,7 +43,7 @@ def sidecars(loop_thread: LoopThread, mock: Mock,
 def _flush(sidecars: SidecarFactory, url: str) -> None:
     app = sidecars.apps[url]
     sidecars.lt.call(app[PIPELINE].settler.join())  # every finished request settled
-    app[TELEMETRY].force_flush()
+    sidecars.lt.call(app[TELEMETRY].flush())
 
 
 def _by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -211,7 +211,7 @@ def test_collector_down_costs_requests_nothing(sidecars: SidecarFactory) -> None
 
     assert asyncio.run(go()) == [200] * 20
     sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
-    sidecars.apps[url][TELEMETRY].force_flush(timeout_ms=300)  # fails (logged), never raises
+    sidecars.lt.call(sidecars.apps[url][TELEMETRY].flush(300))  # fails (logged), never raises
     status, _, body = asyncio.run(_get(url.removesuffix("/v1") + "/status"))
     comp = orjson.loads(body)["components"]["telemetry"]
     assert status == 200

@@ -10,7 +10,9 @@ environment; this module picks the exporter per signal and the protocol.
   or ``none``. Unset, a signal is exported over OTLP only when an OTLP
   endpoint is configured, so a sidecar with no collector logs nothing.
 - ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or the per-signal variant): ``http/protobuf``
-  (default) or ``grpc``.
+  (default) or ``grpc``. OTLP/HTTP traces are exported by the loop-native
+  ``SpanShipper`` (pre-encoded spans, no export thread); gRPC and console go
+  through the SDK.
 - ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER(_ARG)``,
   ``OTEL_BSP_*``, ``OTEL_METRIC_EXPORT_INTERVAL`` as the specification says.
 - ``POD_NAMESPACE``, ``POD_NAME``, ``NODE_NAME`` (set by the Helm chart from the
@@ -34,12 +36,13 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import Sampler
 
 from proxy import __version__
 from proxy.health import Health
@@ -49,7 +52,9 @@ from proxy.telemetry.export_health import (
     TrackedSpanExporter,
     exports_health,
 )
+from proxy.telemetry.otlp_encode import RequestEncoder
 from proxy.telemetry.prometheus import PrometheusReader
+from proxy.telemetry.span_shipper import SpanShipper
 from proxy.telemetry.tracecontext import PresetIdGenerator
 
 log = logging.getLogger("proxy.telemetry")
@@ -73,6 +78,10 @@ class Providers:
     metric_exporter: str
     prometheus: PrometheusReader | None = None
     exports: list[ExportRecord] = field(default_factory=list)
+    # OTLP/HTTP traces go through the loop-native shipper instead of the SDK's
+    # batch thread (tracer_provider is then None); sampler serves both paths.
+    shipper: SpanShipper | None = None
+    sampler: Sampler | None = None
 
     async def health(self) -> Health:
         """The telemetry component's health: which exporters, and whether exports succeed."""
@@ -81,22 +90,36 @@ class Providers:
                                              "prometheus": self.prometheus is not None})
 
     @property
+    def tracing(self) -> bool:
+        """Whether spans are exported."""
+        return self.tracer_provider is not None or self.shipper is not None
+
+    @property
     def active(self) -> bool:
         """Whether any signal is on."""
-        return self.tracer_provider is not None or self.meter_provider is not None
+        return self.tracing or self.meter_provider is not None
 
-    def force_flush(self, timeout_ms: int = 5000) -> None:
-        """Export everything recorded so far (blocking: call off the event loop)."""
-        for provider in (self.tracer_provider, self.meter_provider):
-            if provider is not None:
-                provider.force_flush(timeout_ms)
+    async def start(self) -> None:
+        """Start background export that lives on the event loop."""
+        if self.shipper is not None:
+            await self.shipper.start()
+
+    async def flush(self, timeout_ms: int = 5000) -> None:
+        """Export everything recorded so far."""
+        if self.shipper is not None:
+            await self.shipper.flush()
+        providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
+        for provider in providers:
+            await asyncio.to_thread(provider.force_flush, timeout_ms)
 
     async def shutdown(self, limit_s: float = 5.0) -> None:
-        """Flush and stop both providers, within ``limit_s`` (a dead collector cannot hang exit)."""
+        """Flush and stop everything, within ``limit_s`` (a dead collector cannot hang exit)."""
         providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(
-                *(asyncio.to_thread(p.shutdown) for p in providers)), limit_s)
+            async with asyncio.timeout(limit_s):
+                if self.shipper is not None:
+                    await self.shipper.stop(limit_s)
+                await asyncio.gather(*(asyncio.to_thread(p.shutdown) for p in providers))
         except TimeoutError:
             log.warning("telemetry: exporters did not flush within %.1fs; dropping the rest",
                         limit_s)
@@ -194,6 +217,60 @@ def _metric_exporter(env: Mapping[str, str], kind: str) -> MetricExporter:
     return OTLPMetricExporter(**kwargs)
 
 
+def sampler_from_env(env: Mapping[str, str]) -> Sampler:
+    """OTEL_TRACES_SAMPLER(_ARG) as the specification defines them."""
+    name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").strip().lower()
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG")
+    try:
+        ratio = float(raw) if raw else 1.0
+    except ValueError:
+        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG: not a number: {raw!r}") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG: must be in [0, 1], got {ratio}")
+    samplers: dict[str, Sampler] = {
+        "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+        "traceidratio": sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER: unknown sampler {name!r} "
+                                   f"(one of {', '.join(samplers)})")
+    return samplers[name]
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TelemetryConfigError(f"{name}: not an integer: {raw!r}") from None
+    if value <= 0:
+        raise TelemetryConfigError(f"{name}: must be > 0, got {value}")
+    return value
+
+
+def _shipper(env: Mapping[str, str], resource: Resource, record: ExportRecord) -> SpanShipper:
+    kwargs = _exporter_kwargs(env, "traces", "http/protobuf")
+    compression = (_setting(env, "traces", "COMPRESSION") or "none").strip().lower()
+    if compression not in ("none", "gzip"):
+        raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION: must be gzip or none, "
+                                   f"got {compression!r}")
+    resource_attrs = {k: v for k, v in resource.attributes.items()
+                      if isinstance(v, str | bool | int | float)}
+    return SpanShipper(
+        kwargs["endpoint"] or "http://localhost:4318/v1/traces",
+        RequestEncoder(resource_attrs, "llm-sidecar", __version__), record,
+        headers=kwargs.get("headers"), timeout_s=kwargs.get("timeout", 10.0),
+        interval_s=_positive_int(env, "OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000,
+        batch=_positive_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+        max_queue=_positive_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 20_000),
+        gzip=compression == "gzip")
+
+
 def build_resource(env: Mapping[str, str], service_name: str) -> Resource:
     """service.*, k8s.* (downward API env) and OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME."""
     attrs: dict[str, str] = {"service.name": service_name, "service.version": __version__}
@@ -215,9 +292,13 @@ def build_providers(env: Mapping[str, str], service_name: str, *,
     ids = PresetIdGenerator()
     records: list[ExportRecord] = []
     tracer_provider = None
-    if traces != "none":
-        # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default parent-based always-on).
-        tracer_provider = TracerProvider(resource=resource, id_generator=ids)
+    shipper = None
+    sampler = sampler_from_env(env) if traces != "none" else None
+    if traces == "otlp" and _protocol(env, "traces") == "http/protobuf":
+        records.append(span_record := ExportRecord("traces"))
+        shipper = _shipper(env, resource, span_record)
+    elif traces != "none":
+        tracer_provider = TracerProvider(resource=resource, id_generator=ids, sampler=sampler)
         records.append(span_record := ExportRecord("traces"))
         tracer_provider.add_span_processor(BatchSpanProcessor(
             TrackedSpanExporter(_span_exporter(env, traces), span_record)))
@@ -231,4 +312,5 @@ def build_providers(env: Mapping[str, str], service_name: str, *,
         if readers else None
     log.info("telemetry: traces -> %s, metrics -> %s%s", traces, metrics,
              " + prometheus scrape" if scrape else "")
-    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape, records)
+    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape, records,
+                     shipper, sampler)

@@ -3,9 +3,12 @@
 On the way in it only reads the agent's ``traceparent``, picks the ids of the
 spans it will create and the sampling decision, and sets the ``traceparent``
 the upstream will see (the sidecar's upstream span as parent). Everything
-else happens in ``on_settle``, after the client has its answer: the request
-span (``{operation} {model}``, GenAI attributes), one child span per recorded
-phase (the upstream call, later cache and rate-limit phases) and the metrics.
+else happens in ``on_settle``, on the settle worker after the client has its
+answer: the request span (``{operation} {model}``, GenAI attributes), one
+child span per recorded phase (the upstream call, later cache and rate-limit
+phases) and the metrics. With OTLP/HTTP the spans are encoded straight to
+protobuf bytes for the loop-native shipper; otherwise SDK spans are created
+with the preset ids.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from proxy.context import ATTRIBUTE_PREFIX, AttributeValue, RequestContext, Stage
+from proxy.context import ATTRIBUTE_PREFIX, AttributeValue, Phase, RequestContext, Stage
 from proxy.telemetry.instruments import Instruments, Labels
+from proxy.telemetry.otlp_encode import (
+    SPAN_KIND_CLIENT,
+    SPAN_KIND_INTERNAL,
+    SPAN_KIND_SERVER,
+    encode_span,
+)
 from proxy.telemetry.providers import Providers
+from proxy.telemetry.span_shipper import SpanShipper
 from proxy.telemetry.tracecontext import (
     format_traceparent,
     new_span_id,
@@ -53,7 +63,9 @@ class _Trace:
     trace_id: int
     span_id: int
     upstream_span_id: int
-    parent: Context | None
+    parent: Context | None  # for the SDK path
+    parent_span_id: int | None
+    trace_state: str
 
 
 class TelemetryStage(Stage):
@@ -69,21 +81,24 @@ class TelemetryStage(Stage):
         self.record_content = record_content
         tp: TracerProvider | None = providers.tracer_provider
         self.tracer = tp.get_tracer(_TRACER) if tp is not None else None
-        self.sampler = tp.sampler if tp is not None else None
+        self.shipper = providers.shipper
+        self.sampler = providers.sampler if providers.tracing else None
         mp = providers.meter_provider
         self.instruments = Instruments(mp.get_meter(_TRACER)) if mp is not None else None
 
     # ------------------------------------------------------------ request path
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if self.tracer is None or self.sampler is None:
+        if self.sampler is None:
             return None
         headers = ctx.request.headers
         incoming = parse_traceparent(headers.get("traceparent"))
         parent = None
+        parent_span: int | None = None
+        state = ""
         if incoming is not None:
             trace_id, parent_span, flags = incoming
-            state = headers.get("tracestate")
+            state = headers.get("tracestate", "")[:512]
             parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
                 trace_id, parent_span, is_remote=True, trace_flags=TraceFlags(flags),
                 trace_state=TraceState.from_header([state]) if state else None)))
@@ -96,7 +111,8 @@ class TelemetryStage(Stage):
         ctx.upstream_headers["traceparent"] = format_traceparent(
             trace_id, upstream_span_id, sampled)
         if sampled:
-            ctx.trace = _Trace(trace_id, new_span_id(), upstream_span_id, parent)
+            ctx.trace = _Trace(trace_id, new_span_id(), upstream_span_id, parent, parent_span,
+                               state)
         return None
 
     @staticmethod
@@ -115,8 +131,11 @@ class TelemetryStage(Stage):
         error = self._error_type(ctx)
         if self.instruments is not None:
             self._record_metrics(ctx, self.instruments, error)
-        if ctx.trace is not None and self.tracer is not None:
-            self._emit_spans(ctx, ctx.trace, self.tracer, error)
+        if ctx.trace is not None:
+            if self.shipper is not None:
+                self._ship_spans(ctx, ctx.trace, self.shipper, error)
+            elif self.tracer is not None:
+                self._emit_spans(ctx, ctx.trace, self.tracer, error)
 
     @staticmethod
     def _error_type(ctx: RequestContext) -> str | None:
@@ -147,6 +166,35 @@ class TelemetryStage(Stage):
         if ctx.reported_overhead_ms is not None:
             ins.overhead.record(ctx.reported_overhead_ms / 1000, {"gen_ai.operation.name": op})
 
+    def _ship_spans(self, ctx: RequestContext, tr: _Trace, shipper: SpanShipper,
+                    error: str | None) -> None:
+        # OTLP span flags: W3C sampled bit, "is-remote known" (0x100) and, for a
+        # span whose parent came from the agent, "parent is remote" (0x200).
+        flags = 0x301 if tr.parent_span_id is not None else 0x101
+        shipper.add(encode_span(
+            trace_id=tr.trace_id, span_id=tr.span_id, parent_span_id=tr.parent_span_id,
+            name=self._span_name(ctx), kind=SPAN_KIND_SERVER, start_ns=ctx.started_ns,
+            end_ns=ctx.finished_ns or ctx.started_ns, attrs=self._attributes(ctx, error),
+            error=error is not None, trace_state=tr.trace_state, flags=flags))
+        for phase in ctx.phases:
+            is_upstream = phase.name == "upstream"
+            shipper.add(encode_span(
+                trace_id=tr.trace_id,
+                span_id=tr.upstream_span_id if is_upstream else new_span_id(),
+                parent_span_id=tr.span_id, name=f"{ATTRIBUTE_PREFIX}{phase.name}",
+                kind=SPAN_KIND_CLIENT if is_upstream else SPAN_KIND_INTERNAL,
+                start_ns=phase.start_ns, end_ns=phase.end_ns,
+                attrs=self._phase_attributes(phase, is_upstream), trace_state=tr.trace_state))
+
+    def _phase_attributes(self, phase: Phase, is_upstream: bool) -> dict[str, AttributeValue]:
+        attrs: dict[str, AttributeValue] = {ATTRIBUTE_PREFIX + k: v
+                                            for k, v in phase.attributes.items()}
+        if is_upstream:
+            attrs["server.address"] = self.server_address
+            if self.server_port is not None:
+                attrs["server.port"] = self.server_port
+        return attrs
+
     def _emit_spans(self, ctx: RequestContext, tr: _Trace, tracer: trace.Tracer,
                     error: str | None) -> None:
         ids = self.providers.id_generator
@@ -158,16 +206,11 @@ class TelemetryStage(Stage):
         for phase in ctx.phases:
             is_upstream = phase.name == "upstream"
             ids.preset(None, tr.upstream_span_id if is_upstream else None)
-            attrs: dict[str, AttributeValue] = {ATTRIBUTE_PREFIX + k: v
-                                                for k, v in phase.attributes.items()}
-            if is_upstream:
-                attrs["server.address"] = self.server_address
-                if self.server_port is not None:
-                    attrs["server.port"] = self.server_port
             child = tracer.start_span(
                 f"{ATTRIBUTE_PREFIX}{phase.name}", context=inner,
                 kind=SpanKind.CLIENT if is_upstream else SpanKind.INTERNAL,
-                attributes=attrs, start_time=phase.start_ns)
+                attributes=self._phase_attributes(phase, is_upstream),
+                start_time=phase.start_ns)
             child.end(end_time=phase.end_ns)
         if error is not None:
             span.set_status(Status(StatusCode.ERROR))
