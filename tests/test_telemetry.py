@@ -292,3 +292,43 @@ async def _get(url: str) -> tuple[int, str, str]:
     import aiohttp
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return r.status, r.headers.get("Content-Type", ""), await r.text()
+
+
+def test_grpc_protocol_exports_through_the_sdk(loop_thread: LoopThread, mock: Mock) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class Traces(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request: Any, context: Any) -> Any:
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    received.extend(ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    factory = SidecarFactory(loop_thread, mock)
+    try:
+        url = factory.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                                 "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                                 "OTEL_METRICS_EXPORTER": "none"})
+        with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+            c.chat.completions.create(model="grpc-model", messages=MESSAGES, extra_headers={
+                "traceparent": f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"})
+        sent = {k.lower(): v for k, v in mock.server.stats.last_requests[-1].headers}
+        _flush(factory, url)
+    finally:
+        factory.close()
+        server.stop(0)
+    by_name = {s.name: s for s in received}
+    span, child = by_name["chat grpc-model"], by_name["llm_sidecar.upstream"]
+    assert span.trace_id.hex() == AGENT_TRACE
+    assert span.parent_span_id.hex() == AGENT_SPAN
+    assert child.parent_span_id == span.span_id
+    assert sent["traceparent"] == f"00-{AGENT_TRACE}-{child.span_id.hex()}-01"
