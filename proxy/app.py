@@ -108,8 +108,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
         app[TELEMETRY] = providers
 
     metrics_server = None
-    if providers is not None and providers.prometheus is not None:
-        metrics_server = MetricsServer(providers.prometheus, cfg.telemetry.prometheus_host,
+    if providers is not None and providers.prometheus and providers.instruments is not None:
+        metrics_server = MetricsServer(providers.instruments, cfg.telemetry.prometheus_host,
                                        cfg.telemetry.prometheus_port or 0)
         app[METRICS] = metrics_server
 

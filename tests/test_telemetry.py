@@ -332,3 +332,24 @@ def test_grpc_protocol_exports_through_the_sdk(loop_thread: LoopThread, mock: Mo
     assert span.parent_span_id.hex() == AGENT_SPAN
     assert child.parent_span_id == span.span_id
     assert sent["traceparent"] == f"00-{AGENT_TRACE}-{child.span_id.hex()}-01"
+
+
+def test_aggregated_histogram_follows_otel_bucket_rules() -> None:
+    from opentelemetry.sdk.metrics.export import Histogram
+    from opentelemetry.sdk.resources import Resource
+
+    from proxy.telemetry.instruments import Instruments
+    ins = Instruments(Resource.create({}), "test")
+    for value in (0.0, 0.01, 0.015, 100.0):  # 0.01 is a bound: it belongs to (0, 0.01]
+        ins.duration.record(value, ("chat", "openai", "m", ""))
+    ins.duration.record(0.5, ("chat", "openai", "m", "timeout"))
+    metrics = {m.name: m for m in ins.collect().resource_metrics[0].scope_metrics[0].metrics}
+    data = metrics["gen_ai.client.operation.duration"].data
+    assert isinstance(data, Histogram)
+    ok, failed = data.data_points
+    assert ok.attributes == {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                             "gen_ai.request.model": "m"}  # no empty error.type
+    assert failed.attributes is not None and failed.attributes["error.type"] == "timeout"
+    assert list(ok.bucket_counts[:3]) == [2, 1, 0]
+    assert ok.bucket_counts[-1] == 1  # 100 s: above the last bound
+    assert (ok.count, ok.sum, ok.min, ok.max) == (4, 100.025, 0.0, 100.0)

@@ -1,17 +1,44 @@
-"""The sidecar's metric instruments: GenAI semantic conventions plus ``llm_sidecar.*``.
+"""The sidecar's metrics: GenAI semantic conventions plus ``llm_sidecar.*``.
+
+Measurements are aggregated here, in plain dicts keyed by label-value tuples
+(about a microsecond each), instead of through the SDK's instruments, which
+validate and hash the attribute set on every call and cost the sidecar more
+than all its own request handling. A snapshot is turned into the SDK's
+``MetricsData`` only when someone collects: the OTLP exporter every export
+interval, or a Prometheus scrape.
 
 Every label has a small, bounded set of values: no keys, tenants, prompts or
-request ids. Model names come from clients, so only the first
-``MAX_MODELS`` distinct ones become label values; later ones are ``_other``.
-The README's metrics table documents each instrument and its labels.
+request ids. Model names come from clients, so only the first ``MAX_MODELS``
+distinct ones become label values; later ones are ``_other``. The README's
+metrics table documents each metric and its labels.
 """
 
 from __future__ import annotations
 
-from opentelemetry.metrics import Meter
+import bisect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from proxy.wire.usage import Usage
 
 MAX_MODELS = 100
 OTHER = "_other"
+PROVIDER = "openai"
 
 # Bucket boundaries recommended by the GenAI semantic conventions.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576,
@@ -22,46 +49,135 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                      0.025, 0.05, 0.1)
 
-Labels = dict[str, str | int]
+LabelValue = str | int
+
+
+def _attributes(labels: tuple[str, ...], key: tuple[LabelValue, ...]) -> dict[str, LabelValue]:
+    # "" marks an absent label (error.type on success), which is left out.
+    return {k: v for k, v in zip(labels, key, strict=True) if v != ""}
+
+
+class _HistogramState:
+    __slots__ = ("count", "counts", "max", "min", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+
+class _Histogram:
+    """A cumulative explicit-bucket histogram per label tuple."""
+
+    def __init__(self, name: str, unit: str, description: str, labels: Sequence[str],
+                 bounds: Sequence[float]) -> None:
+        self.name, self.unit, self.description = name, unit, description
+        self.labels = tuple(labels)
+        self.bounds = tuple(float(b) for b in bounds)
+        self.series: dict[tuple[LabelValue, ...], _HistogramState] = {}
+
+    def record(self, value: float, key: tuple[LabelValue, ...]) -> None:
+        state = self.series.get(key)
+        if state is None:
+            state = self.series[key] = _HistogramState(len(self.bounds))
+        # OTel buckets are (previous bound, bound]: bisect_left puts a value equal
+        # to a bound in that bound's bucket.
+        state.counts[bisect.bisect_left(self.bounds, value)] += 1
+        state.count += 1
+        state.sum += value
+        state.min = min(state.min, value)
+        state.max = max(state.max, value)
+
+    def metric(self, start_ns: int, now_ns: int) -> Metric:
+        points = [HistogramDataPoint(
+            attributes=_attributes(self.labels, key), start_time_unix_nano=start_ns,
+            time_unix_nano=now_ns, count=s.count, sum=s.sum, bucket_counts=list(s.counts),
+            explicit_bounds=self.bounds, min=s.min, max=s.max)
+            for key, s in self.series.items()]
+        return Metric(self.name, self.description, self.unit,
+                      Histogram(points, AggregationTemporality.CUMULATIVE))
+
+
+class _Counter:
+    """A cumulative monotonic counter per label tuple."""
+
+    def __init__(self, name: str, unit: str, description: str,
+                 labels: Sequence[str]) -> None:
+        self.name, self.unit, self.description = name, unit, description
+        self.labels = tuple(labels)
+        self.series: dict[tuple[LabelValue, ...], int] = {}
+
+    def add(self, key: tuple[LabelValue, ...], amount: int = 1) -> None:
+        self.series[key] = self.series.get(key, 0) + amount
+
+    def metric(self, start_ns: int, now_ns: int) -> Metric:
+        points = [NumberDataPoint(attributes=_attributes(self.labels, key),
+                                  start_time_unix_nano=start_ns, time_unix_nano=now_ns,
+                                  value=value)
+                  for key, value in self.series.items()]
+        return Metric(self.name, self.description, self.unit,
+                      Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True))
+
+
+_MODEL_LABELS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeasurements:
+    """What one finished intercepted request contributes to the metrics."""
+
+    operation: str
+    model: str
+    status: int
+    error: str | None
+    upstream_error: str | None
+    duration_s: float
+    first_chunk_s: float | None
+    usage: Usage | None
+    overhead_s: float | None
 
 
 class Instruments:
-    """Creates the instruments once; records one request's measurements."""
+    """Aggregates the sidecar's measurements; renders them as MetricsData on collection."""
 
-    def __init__(self, meter: Meter) -> None:
-        self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}",
-            description="Tokens used per request, by gen_ai.token.type (input/output).",
-            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s",
-            description="Time from the request's arrival to the end of its answer.",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
-        self.time_to_first_chunk = meter.create_histogram(
-            "llm_sidecar.time_to_first_chunk", unit="s",
-            description="Streams: time from the request's arrival to its first chunk.",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
-        self.requests = meter.create_counter(
-            "llm_sidecar.requests", unit="{request}",
-            description="Requests answered, by operation and HTTP status.")
-        self.passthrough_requests = meter.create_counter(
-            "llm_sidecar.passthrough.requests", unit="{request}",
-            description="Requests relayed untouched (files, models, ...), by method and status.")
-        self.upstream_errors = meter.create_counter(
-            "llm_sidecar.upstream.errors", unit="{error}",
-            description="Upstream exchanges that failed in the sidecar (no upstream answer).")
-        self.overhead = meter.create_histogram(
-            "llm_sidecar.overhead", unit="s",
-            description="Time spent in the sidecar per request, upstream excluded.",
-            explicit_bucket_boundaries_advisory=_OVERHEAD_BUCKETS)
+    def __init__(self, resource: Resource, scope_version: str) -> None:
+        self.resource = resource
+        self.scope = InstrumentationScope("llm-sidecar", scope_version)
+        self.start_ns = time.time_ns()
+        self.token_usage = _Histogram(
+            "gen_ai.client.token.usage", "{token}",
+            "Tokens used per request, by gen_ai.token.type (input/output).",
+            (*_MODEL_LABELS, "gen_ai.token.type"), _TOKEN_BUCKETS)
+        self.duration = _Histogram(
+            "gen_ai.client.operation.duration", "s",
+            "Time from the request's arrival to the end of its answer.",
+            (*_MODEL_LABELS, "error.type"), _DURATION_BUCKETS)
+        self.time_to_first_chunk = _Histogram(
+            "llm_sidecar.time_to_first_chunk", "s",
+            "Streams: time from the request's arrival to its first chunk.",
+            _MODEL_LABELS, _DURATION_BUCKETS)
+        self.requests = _Counter(
+            "llm_sidecar.requests", "{request}",
+            "Requests answered, by operation and HTTP status.",
+            ("gen_ai.operation.name", "http.response.status_code"))
+        self.passthrough_requests = _Counter(
+            "llm_sidecar.passthrough.requests", "{request}",
+            "Requests relayed untouched (files, models, ...), by method and status.",
+            ("http.request.method", "http.response.status_code"))
+        self.upstream_errors = _Counter(
+            "llm_sidecar.upstream.errors", "{error}",
+            "Upstream exchanges that failed in the sidecar (no upstream answer).",
+            ("error.type",))
+        self.overhead = _Histogram(
+            "llm_sidecar.overhead", "s",
+            "Time spent in the sidecar per request, upstream excluded.",
+            ("gen_ai.operation.name",), _OVERHEAD_BUCKETS)
+        self._all: tuple[_Histogram | _Counter, ...] = (
+            self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
+            self.passthrough_requests, self.upstream_errors, self.overhead)
         self._models: dict[str, str] = {}
-
-    def passthrough_done(self, method: str, status: int, failure: str | None) -> None:
-        """Count a finished pass-through request (an observer for Passthrough)."""
-        self.passthrough_requests.add(1, {"http.request.method": method[:16],
-                                          "http.response.status_code": status})
-        if failure is not None:
-            self.upstream_errors.add(1, {"error.type": failure})
 
     def model_label(self, model: str | None) -> str:
         """A bounded label value for a client-supplied model name."""
@@ -73,3 +189,40 @@ class Instruments:
                 return OTHER
             label = self._models[model] = model[:64]
         return label
+
+    def request_done(self, m: RequestMeasurements) -> None:
+        """Record a finished intercepted request."""
+        base = (m.operation, PROVIDER, self.model_label(m.model))
+        # error.type is absent on success, as the conventions have it; "" keeps
+        # the tuple shape and is dropped when rendered.
+        self.duration.record(m.duration_s, (*base, m.error or ""))
+        if m.first_chunk_s is not None:
+            self.time_to_first_chunk.record(m.first_chunk_s, base)
+        if m.usage is not None:
+            self.token_usage.record(m.usage.input_tokens, (*base, "input"))
+            self.token_usage.record(m.usage.output_tokens, (*base, "output"))
+        self.requests.add((m.operation, m.status))
+        if m.upstream_error is not None:
+            self.upstream_errors.add((m.upstream_error,))
+        if m.overhead_s is not None:
+            self.overhead.record(m.overhead_s, (m.operation,))
+
+    def rejected(self, operation: str, status: int) -> None:
+        """Record a request refused before it could be parsed."""
+        self.requests.add((operation, status))
+
+    def passthrough_done(self, method: str, status: int, failure: str | None) -> None:
+        """Count a finished pass-through request (an observer for Passthrough)."""
+        self.passthrough_requests.add((method[:16], status))
+        if failure is not None:
+            self.upstream_errors.add((failure,))
+
+    def collect(self) -> MetricsData:
+        """A cumulative snapshot of every metric that has data."""
+        now = time.time_ns()
+        metrics = []
+        for instrument in self._all:
+            if instrument.series:
+                metrics.append(instrument.metric(self.start_ns, now))
+        return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(
+            self.scope, metrics, "")], "")])

@@ -10,8 +10,7 @@ dashboard query works whichever path the metrics took:
 - monotonic counters get ``_total``; histograms become ``_bucket`` / ``_sum`` /
   ``_count``; resource attributes go to ``target_info``.
 
-The reader collects on demand, so a scrape sees the current cumulative values
-and nothing runs between scrapes.
+A scrape renders the current cumulative snapshot; nothing runs between scrapes.
 """
 
 from __future__ import annotations
@@ -22,14 +21,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
-from opentelemetry.sdk.metrics.export import (
-    Gauge,
-    Histogram,
-    InMemoryMetricReader,
-    Metric,
-    MetricsData,
-    Sum,
-)
+from opentelemetry.sdk.metrics.export import Gauge, Histogram, Metric, MetricsData, Sum
+
+from proxy.telemetry.instruments import Instruments
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
@@ -37,15 +31,6 @@ _REPEATS = re.compile(r"__+")
 _UNITS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds",
           "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "min": "minutes",
           "h": "hours", "d": "days", "%": "percent"}
-
-
-class PrometheusReader(InMemoryMetricReader):
-    """A metric reader collected by scrapes (cumulative temporality, the default)."""
-
-    def scrape(self) -> bytes:
-        """Collect now and render the exposition text."""
-        data = self.get_metrics_data()
-        return render(data) if data is not None else b""
 
 
 def sanitize(name: str) -> str:
@@ -141,8 +126,8 @@ class MetricsServer:
     metrics get their own port and nothing else is reachable through it.
     """
 
-    def __init__(self, reader: PrometheusReader, host: str, port: int) -> None:
-        self.reader = reader
+    def __init__(self, instruments: Instruments, host: str, port: int) -> None:
+        self.instruments = instruments
         self.host = host
         self.port = port
         self.url: str | None = None
@@ -167,7 +152,6 @@ class MetricsServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        # Collection is synchronous and short: it runs on the loop by design, so
-        # a scrape sees a consistent snapshot without a thread.
-        return web.Response(body=self.reader.scrape(),
+        # A snapshot of a few dicts: taken on the loop, so it is consistent.
+        return web.Response(body=render(self.instruments.collect()),
                             headers={"Content-Type": CONTENT_TYPE})

@@ -28,13 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
-    MetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import (
@@ -52,8 +46,9 @@ from proxy.telemetry.export_health import (
     TrackedSpanExporter,
     exports_health,
 )
+from proxy.telemetry.instruments import Instruments
+from proxy.telemetry.metric_export import MetricExportLoop
 from proxy.telemetry.otlp_encode import RequestEncoder
-from proxy.telemetry.prometheus import PrometheusReader
 from proxy.telemetry.span_shipper import SpanShipper
 from proxy.telemetry.tracecontext import PresetIdGenerator
 
@@ -69,14 +64,16 @@ class TelemetryConfigError(ValueError):
 
 @dataclass
 class Providers:
-    """The app's telemetry providers; either may be absent when its signal is off."""
+    """The app's telemetry: what is exported where; any part may be off."""
 
-    tracer_provider: TracerProvider | None
-    meter_provider: MeterProvider | None
+    tracer_provider: TracerProvider | None  # SDK path: gRPC / console spans
     id_generator: PresetIdGenerator
     trace_exporter: str
     metric_exporter: str
-    prometheus: PrometheusReader | None = None
+    # Aggregated metrics, present when exported over OTLP or scraped.
+    instruments: Instruments | None = None
+    metric_loop: MetricExportLoop | None = None
+    prometheus: bool = False
     exports: list[ExportRecord] = field(default_factory=list)
     # OTLP/HTTP traces go through the loop-native shipper instead of the SDK's
     # batch thread (tracer_provider is then None); sampler serves both paths.
@@ -87,7 +84,7 @@ class Providers:
         """The telemetry component's health: which exporters, and whether exports succeed."""
         return exports_health(self.exports, {"traces": self.trace_exporter,
                                              "metrics": self.metric_exporter,
-                                             "prometheus": self.prometheus is not None})
+                                             "prometheus": self.prometheus})
 
     @property
     def tracing(self) -> bool:
@@ -97,29 +94,34 @@ class Providers:
     @property
     def active(self) -> bool:
         """Whether any signal is on."""
-        return self.tracing or self.meter_provider is not None
+        return self.tracing or self.instruments is not None
 
     async def start(self) -> None:
         """Start background export that lives on the event loop."""
         if self.shipper is not None:
             await self.shipper.start()
+        if self.metric_loop is not None:
+            await self.metric_loop.start()
 
     async def flush(self, timeout_ms: int = 5000) -> None:
         """Export everything recorded so far."""
         if self.shipper is not None:
             await self.shipper.flush()
-        providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
-        for provider in providers:
-            await asyncio.to_thread(provider.force_flush, timeout_ms)
+        if self.metric_loop is not None:
+            await self.metric_loop.export_now()
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.force_flush, timeout_ms)
 
     async def shutdown(self, limit_s: float = 5.0) -> None:
         """Flush and stop everything, within ``limit_s`` (a dead collector cannot hang exit)."""
-        providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
         try:
             async with asyncio.timeout(limit_s):
                 if self.shipper is not None:
                     await self.shipper.stop(limit_s)
-                await asyncio.gather(*(asyncio.to_thread(p.shutdown) for p in providers))
+                if self.metric_loop is not None:
+                    await self.metric_loop.stop()
+                if self.tracer_provider is not None:
+                    await asyncio.to_thread(self.tracer_provider.shutdown)
         except TimeoutError:
             log.warning("telemetry: exporters did not flush within %.1fs; dropping the rest",
                         limit_s)
@@ -283,9 +285,10 @@ def build_resource(env: Mapping[str, str], service_name: str) -> Resource:
 
 def build_providers(env: Mapping[str, str], service_name: str, *,
                     prometheus: bool = False) -> Providers:
-    """Providers for the signals the environment asks for (not registered globally).
+    """Telemetry for the signals the environment asks for (nothing registered globally).
 
-    ``prometheus`` adds a reader for the scrape endpoint.
+    ``prometheus``: metrics are aggregated for the scrape endpoint even when
+    they are not exported over OTLP.
     """
     traces, metrics = _choice(env, "traces"), _choice(env, "metrics")
     resource = build_resource(env, service_name)
@@ -302,15 +305,17 @@ def build_providers(env: Mapping[str, str], service_name: str, *,
         records.append(span_record := ExportRecord("traces"))
         tracer_provider.add_span_processor(BatchSpanProcessor(
             TrackedSpanExporter(_span_exporter(env, traces), span_record)))
-    scrape = PrometheusReader() if prometheus else None
-    readers: list[MetricReader] = [scrape] if scrape is not None else []
-    if metrics != "none":
+    instruments = None
+    metric_loop = None
+    if metrics != "none" or prometheus:
+        instruments = Instruments(resource, __version__)
+    if metrics != "none" and instruments is not None:
         records.append(metric_record := ExportRecord("metrics"))
-        readers.append(PeriodicExportingMetricReader(
-            TrackedMetricExporter(_metric_exporter(env, metrics), metric_record)))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers) \
-        if readers else None
+        timeout = _exporter_kwargs(env, "metrics", _protocol(env, "metrics")).get("timeout", 10.0)
+        metric_loop = MetricExportLoop(
+            instruments, TrackedMetricExporter(_metric_exporter(env, metrics), metric_record),
+            _positive_int(env, "OTEL_METRIC_EXPORT_INTERVAL", 60_000) / 1000, timeout)
     log.info("telemetry: traces -> %s, metrics -> %s%s", traces, metrics,
-             " + prometheus scrape" if scrape else "")
-    return Providers(tracer_provider, meter_provider, ids, traces, metrics, scrape, records,
-                     shipper, sampler)
+             " + prometheus scrape" if prometheus else "")
+    return Providers(tracer_provider, ids, traces, metrics, instruments, metric_loop,
+                     prometheus, records, shipper, sampler)

@@ -32,7 +32,7 @@ from opentelemetry.trace import (
 )
 
 from proxy.context import ATTRIBUTE_PREFIX, AttributeValue, Phase, RequestContext, Stage
-from proxy.telemetry.instruments import Instruments, Labels
+from proxy.telemetry.instruments import PROVIDER, Instruments, RequestMeasurements
 from proxy.telemetry.otlp_encode import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
@@ -49,7 +49,6 @@ from proxy.telemetry.tracecontext import (
 )
 from proxy.wire.canonical import Endpoint
 
-PROVIDER = "openai"
 _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("max_completion_tokens", "gen_ai.request.max_tokens"),
                    ("max_output_tokens", "gen_ai.request.max_tokens"),
@@ -83,8 +82,7 @@ class TelemetryStage(Stage):
         self.tracer = tp.get_tracer(_TRACER) if tp is not None else None
         self.shipper = providers.shipper
         self.sampler = providers.sampler if providers.tracing else None
-        mp = providers.meter_provider
-        self.instruments = Instruments(mp.get_meter(_TRACER)) if mp is not None else None
+        self.instruments = providers.instruments
 
     # ------------------------------------------------------------ request path
 
@@ -124,8 +122,7 @@ class TelemetryStage(Stage):
 
     def on_reject(self, endpoint: Endpoint, status: int, code: str) -> None:
         if self.instruments is not None:
-            self.instruments.requests.add(1, {"gen_ai.operation.name": endpoint.operation,
-                                              "http.response.status_code": status})
+            self.instruments.rejected(endpoint.operation, status)
 
     async def on_settle(self, ctx: RequestContext) -> None:
         error = self._error_type(ctx)
@@ -145,26 +142,18 @@ class TelemetryStage(Stage):
             return str(ctx.status)
         return None
 
-    def _record_metrics(self, ctx: RequestContext, ins: Instruments, error: str | None) -> None:
-        op = ctx.endpoint.operation
-        labels: Labels = {"gen_ai.operation.name": op, "gen_ai.provider.name": PROVIDER,
-                          "gen_ai.request.model": ins.model_label(ctx.canonical.model)}
-        finished = ctx.finished_ns or ctx.started_ns
-        timed = labels if error is None else {**labels, "error.type": error}
-        ins.duration.record((finished - ctx.started_ns) / 1e9, timed)
-        if ctx.first_chunk_ns is not None:
-            ins.time_to_first_chunk.record((ctx.first_chunk_ns - ctx.started_ns) / 1e9, labels)
-        usage = ctx.usage()
-        if usage is not None:
-            ins.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
-            ins.token_usage.record(usage.output_tokens,
-                                   {**labels, "gen_ai.token.type": "output"})
-        ins.requests.add(1, {"gen_ai.operation.name": op,
-                             "http.response.status_code": ctx.status or 0})
-        if ctx.error_kind is not None:
-            ins.upstream_errors.add(1, {"error.type": ctx.error_kind})
-        if ctx.reported_overhead_ms is not None:
-            ins.overhead.record(ctx.reported_overhead_ms / 1000, {"gen_ai.operation.name": op})
+    @staticmethod
+    def _record_metrics(ctx: RequestContext, ins: Instruments, error: str | None) -> None:
+        started = ctx.started_ns
+        ins.request_done(RequestMeasurements(
+            operation=ctx.endpoint.operation, model=ctx.canonical.model,
+            status=ctx.status or 0, error=error, upstream_error=ctx.error_kind,
+            duration_s=((ctx.finished_ns or started) - started) / 1e9,
+            first_chunk_s=(None if ctx.first_chunk_ns is None
+                           else (ctx.first_chunk_ns - started) / 1e9),
+            usage=ctx.usage(),
+            overhead_s=(None if ctx.reported_overhead_ms is None
+                        else ctx.reported_overhead_ms / 1000)))
 
     def _ship_spans(self, ctx: RequestContext, tr: _Trace, shipper: SpanShipper,
                     error: str | None) -> None:
