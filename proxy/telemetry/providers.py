@@ -192,17 +192,11 @@ def _exporter_kwargs(env: Mapping[str, str], signal: str, protocol: str) -> dict
 
 
 def _span_exporter(env: Mapping[str, str], kind: str) -> SpanExporter:
+    # Only console and gRPC come here: OTLP/HTTP spans go through the SpanShipper.
     if kind == "console":
         return ConsoleSpanExporter()
-    protocol = _protocol(env, "traces")
-    kwargs = _exporter_kwargs(env, "traces", protocol)
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpanExporter,
-        )
-        return GrpcSpanExporter(**kwargs)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter(**_exporter_kwargs(env, "traces", "grpc"))
 
 
 def _metric_exporter(env: Mapping[str, str], kind: str) -> MetricExporter:
