@@ -1,0 +1,1 @@
+"""Rate limits that hold across every replica: policy, Redis and local backends."""

@@ -1,0 +1,37 @@
+"""Redis Lua scripts from ``lua/``: loaded once, called by SHA, reloaded on NOSCRIPT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+# lua/ sits at the top of the source tree, beside proxy/.
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
+
+
+class LuaScript:
+    """One script file; ``sha`` is set once it has been loaded into a server."""
+
+    def __init__(self, name: str, lua_dir: Path = LUA_DIR) -> None:
+        self.name = name
+        self.source = (lua_dir / f"{name}.lua").read_text(encoding="utf-8")
+        self.sha: str | None = None
+
+    async def load(self, client: Redis) -> str:
+        """SCRIPT LOAD (at start, and again after a server restart)."""
+        self.sha = str(await client.script_load(self.source))
+        return self.sha
+
+    async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, loading the script first if this server does not know it."""
+        if self.sha is None:
+            await self.load(client)
+        assert self.sha is not None
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(client)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)

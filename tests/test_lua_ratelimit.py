@@ -1,0 +1,156 @@
+"""lua/ratelimit.lua against a real Redis: refill maths, atomicity, expiry, NOSCRIPT."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.ratelimit.scripts import LuaScript
+from tests.redis_server import RedisServer
+
+TAG = "{llm-sidecar:rl}"
+SECOND_US = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def run(server: RedisServer, steps: Any) -> Any:
+    async def go() -> Any:
+        client = Redis.from_url(server.url)
+        try:
+            await client.flushall()
+            return await steps(client, LuaScript("ratelimit"))
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+def bucket(period_s: float, amount: int, cost: int, capacity: int | None = None) -> list[Any]:
+    """ARGV triple for a bucket of ``amount`` units per ``period_s`` (capacity = amount)."""
+    return [period_s * SECOND_US / amount, capacity or amount, cost]
+
+
+def parse(reply: list[int]) -> tuple[bool, int, list[tuple[int, int, int]]]:
+    admitted, now, rest = reply[0], reply[1], reply[2:]
+    return bool(admitted), now, [tuple(rest[i:i + 3]) for i in range(0, len(rest), 3)]
+
+
+def test_burst_then_deny_with_retry_time(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:agent:a"
+        return [parse(await script(r, [key], ["check", 1000, *bucket(60, 3, 1)]))
+                for _ in range(4)]
+
+    replies = run(redis_server, steps)
+    assert [ok for ok, _, _ in replies] == [True, True, True, False]
+    assert [b[0][0] for _, _, b in replies] == [2, 1, 0, 0]  # remaining
+    _, _, [(_, reset_us, retry_us)] = replies[3]
+    # 3 per minute: one unit comes back every 20 s; the 4th waits about that long.
+    assert 19 * SECOND_US < retry_us <= 20 * SECOND_US
+    assert 59 * SECOND_US < reset_us <= 60 * SECOND_US
+
+
+def test_refill_is_continuous(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:agent:b"
+        # 100,000 units per second (10 us each), drained at once; every later call
+        # (cost 0) sees what the server's clock has refilled since.
+        out = [parse(await script(r, [key], ["check", 1000, *bucket(1, 100_000, 100_000)]))]
+        for _ in range(5):
+            await r.ping()
+            out.append(parse(await script(r, [key], ["check", 1000, *bucket(1, 100_000, 0)])))
+        return out
+
+    replies = run(redis_server, steps)
+    assert replies[0][0] and replies[0][2][0][0] == 0
+    drained_at = replies[0][1]
+    for _, now, [(remaining, reset_us, _)] in replies[1:]:
+        # Exactly one unit back per 10 us of Redis time, whatever the wall clock did.
+        assert remaining == (now - drained_at) // 10
+        assert reset_us == SECOND_US - (now - drained_at)
+    assert replies[-1][2][0][0] > replies[1][2][0][0]
+
+
+def test_all_or_nothing_across_buckets(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> tuple[Any, Any, Any]:
+        agent, ns = f"{TAG}:agent:c", f"{TAG}:ns:x:tokens"
+        # The agent bucket has room; the namespace token bucket does not.
+        await script(r, [ns], ["check", 1000, *bucket(60, 100, 90)])
+        denied = parse(await script(r, [agent, ns], [
+            "check", 1000, *bucket(60, 10, 1), *bucket(60, 100, 50)]))
+        stored = await r.get(agent)
+        agent_after = parse(await script(r, [agent], ["check", 1000, *bucket(60, 10, 0)]))
+        return denied, agent_after, stored
+
+    denied, agent_after, stored = run(redis_server, steps)
+    ok, _, buckets = denied
+    assert not ok
+    assert buckets[0][2] == 0 and buckets[1][2] > 0  # only the namespace bucket refused
+    assert agent_after[2][0][0] == 10  # the agent bucket was not charged
+    assert stored is None  # nor even created
+
+
+def test_cost_above_capacity_can_never_pass(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> Any:
+        return parse(await script(r, [f"{TAG}:t"], ["check", 1000, *bucket(60, 100, 101)]))
+
+    ok, _, [(_, _, retry)] = run(redis_server, steps)
+    assert not ok and retry == -1
+
+
+def test_force_charges_past_the_limit_and_refunds(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:tokens:f"
+        out = [parse(await script(r, [key], ["force", 1000, *bucket(60, 100, 150)]))]
+        out.append(parse(await script(r, [key], ["check", 1000, *bucket(60, 100, 1)])))
+        out.append(parse(await script(r, [key], ["force", 1000, *bucket(60, 100, -120)])))
+        out.append(parse(await script(r, [key], ["check", 1000, *bucket(60, 100, 1)])))
+        return out
+
+    overdrawn, blocked, refunded, admitted = run(redis_server, steps)
+    assert overdrawn[0] and overdrawn[2][0][0] == 0  # reconciliation is never refused
+    assert not blocked[0]
+    assert refunded[2][0][0] == 70  # 150 - 120 = 30 used of 100
+    assert admitted[0] and admitted[2][0][0] == 69
+
+
+def test_keys_expire_once_full_again(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> tuple[int, int]:
+        key = f"{TAG}:agent:e"
+        await script(r, [key], ["check", 250, *bucket(60, 60, 1)])
+        return int(await r.pttl(key)), int(await r.exists(key))
+
+    pttl, exists = run(redis_server, steps)
+    # One unit taken from a 1-per-second bucket: full again in 1 s, then 250 ms grace.
+    assert exists == 1
+    assert 1000 < pttl <= 1250
+
+
+def test_noscript_reload_after_script_flush(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> tuple[str | None, Any]:
+        await script.load(r)
+        sha = script.sha
+        await r.script_flush()  # as after a Redis restart
+        reply = parse(await script(r, [f"{TAG}:n"], ["check", 1000, *bucket(1, 5, 1)]))
+        return sha, reply
+
+    sha, reply = run(redis_server, steps)
+    assert sha is not None and reply[0]
+
+
+def test_script_documents_its_interface() -> None:
+    text = (Path(__file__).resolve().parents[1] / "lua" / "ratelimit.lua").read_text()
+    head = text.split("]]", 1)[0]
+    for word in ("KEYS[i]", "ARGV[1]", "ARGV[2]", "Returns", "Redis TIME", "hash tag"):
+        assert word in head
