@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -22,6 +23,9 @@ from proxy.context import Stage
 from proxy.health import Health, HealthRegistry, State
 from proxy.passthrough import Passthrough
 from proxy.pipeline import Pipeline, default_stages
+from proxy.ratelimit.limiter import Limiter
+from proxy.ratelimit.policy import Policy
+from proxy.ratelimit.stage import LimitStage
 from proxy.telemetry.prometheus import MetricsServer
 from proxy.telemetry.providers import Providers, build_providers, telemetry_disabled
 from proxy.telemetry.stage import TelemetryStage
@@ -75,6 +79,40 @@ class _Lifecycle:
         return Health(State.OK, "", {"uptime_s": round(time.time() - self.started, 1)})
 
 
+@dataclass
+class _Components:
+    """The long-lived parts of one app, started and stopped in a fixed order."""
+
+    cfg: SidecarConfig
+    upstream: Upstream
+    pipeline: Pipeline
+    providers: Providers | None
+    limiter: Limiter | None
+    metrics_server: MetricsServer | None
+
+    async def run(self, app: web.Application) -> AsyncIterator[None]:
+        """The app's cleanup context: start everything, yield while serving, stop it all."""
+        await self.upstream.start()
+        self.pipeline.settler.start()
+        if self.providers is not None:
+            await self.providers.start()
+        if self.limiter is not None:
+            await self.limiter.start()
+        log.info("upstream pool open for %s", self.upstream.host)
+        if self.metrics_server is not None:
+            log.info("prometheus metrics on %s", await self.metrics_server.start())
+        yield
+        limit_s = min(5.0, self.cfg.server.shutdown_timeout_s)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        await self.pipeline.settler.stop(limit_s)
+        await self.upstream.close()
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self.providers is not None:
+            await self.providers.shutdown(limit_s)
+
+
 def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.Application:
     """Create the sidecar application for ``cfg`` (not started).
 
@@ -84,8 +122,10 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     env = os.environ if env is None else env
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
     upstream = Upstream(cfg.upstream)
-    providers: Providers | None = None
-    stages: list[Stage] = default_stages(cfg)
+    limiter = Limiter(cfg.ratelimit) if cfg.ratelimit.rules else None
+    stages: list[Stage] = default_stages(
+        cfg, LimitStage(Policy(cfg.ratelimit), limiter) if limiter else None)
+    providers = None
     if cfg.telemetry.enabled and not telemetry_disabled(env):
         providers = build_providers(env, cfg.telemetry.service_name,
                                     prometheus=cfg.telemetry.prometheus_port is not None)
@@ -100,39 +140,25 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     pipeline = Pipeline(cfg, upstream, stages)
     passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes, observer)
     health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())
+    if limiter is not None:
+        health.register("ratelimit", limiter.health)
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream
     app[PIPELINE] = pipeline
     app[HEALTH] = health
+    metrics_server = None
     if providers is not None:
         app[TELEMETRY] = providers
-
-    metrics_server = None
-    if providers is not None and providers.prometheus and providers.instruments is not None:
-        metrics_server = MetricsServer(providers.instruments, cfg.telemetry.prometheus_host,
-                                       cfg.telemetry.prometheus_port or 0)
-        app[METRICS] = metrics_server
-
-    async def components(app: web.Application) -> AsyncIterator[None]:
-        await upstream.start()
-        pipeline.settler.start()
-        if providers is not None:
-            await providers.start()
-        log.info("upstream pool open for %s", upstream.host)
-        if metrics_server is not None:
-            log.info("prometheus metrics on %s", await metrics_server.start())
-        yield
-        if metrics_server is not None:
-            await metrics_server.stop()
-        await pipeline.settler.stop(min(5.0, cfg.server.shutdown_timeout_s))
-        await upstream.close()
-        if providers is not None:
-            await providers.shutdown(min(5.0, cfg.server.shutdown_timeout_s))
+        if providers.prometheus and providers.instruments is not None:
+            app[METRICS] = metrics_server = MetricsServer(
+                providers.instruments, cfg.telemetry.prometheus_host,
+                cfg.telemetry.prometheus_port or 0)
+    components = _Components(cfg, upstream, pipeline, providers, limiter, metrics_server)
 
     async def on_shutdown(app: web.Application) -> None:
         lifecycle.stopping = True
 
-    app.cleanup_ctx.append(components)
+    app.cleanup_ctx.append(components.run)
     app.on_shutdown.append(on_shutdown)
     _add_routes(app, pipeline, passthrough, health)
     return app

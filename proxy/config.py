@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -140,6 +141,71 @@ class TelemetryConfig:
         "Address of the metrics listener (the pod IP is what Prometheus scrapes)."))
 
 
+DIMENSIONS = ("namespace", "tenant", "agent", "model")
+_PERIOD = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_PERIOD_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_period(text: str) -> float | None:
+    """Seconds in a period such as ``1m``, ``30s``, ``1h``, ``1d`` or ``60`` (None: invalid)."""
+    m = _PERIOD.match(text.strip())
+    if m is None:
+        return None
+    seconds = float(m.group(1)) * _PERIOD_UNITS[m.group(2)]
+    return seconds if seconds > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """An amount per period, refilled continuously, with a burst capacity."""
+
+    amount: int = field(metadata=_meta("Units (requests or tokens) per period.", gt=0))
+    period: str = field(default="1m", metadata=_meta(
+        "Period: 1s, 30s, 1m, 1h, 1d, or seconds."))
+    capacity: int | None = field(default=None, metadata=_meta(
+        "Burst capacity (default: the amount).", gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One limit: which requests it covers, how they are grouped, and its quotas."""
+
+    name: str = field(metadata=_meta("Unique rule name (shown in 429 messages)."))
+    per: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Dimensions that get a bucket each: namespace, tenant, agent, model. "
+        "Empty: one bucket shared by every request the rule covers."))
+    match: dict[str, str] = field(default_factory=dict, metadata=_meta(
+        "Only requests whose dimensions match these globs (e.g. model: gpt-4o*)."))
+    requests: QuotaConfig | None = field(default=None, metadata=_meta("Requests per period."))
+    tokens: QuotaConfig | None = field(default=None, metadata=_meta(
+        "Tokens (input + output) per period, charged by estimate then reconciled."))
+    on_redis_down: str = field(default="local", metadata=_meta(
+        "With Redis unavailable: local (a share of the limit per replica), open "
+        "(admit) or closed (deny).", choices=("local", "open", "closed")))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Distributed limits (Redis) with a local fallback; no rules, no limiting."""
+
+    rules: tuple[RuleConfig, ...] = field(default=(), metadata=_meta("The limit rules."))
+    redis_url: str | None = field(default=None, repr=False, metadata=_meta(
+        "Redis shared by all replicas (null: local buckets only, per replica)."))
+    timeout_ms: float = field(default=5.0, metadata=_meta(
+        "Budget for one limiter call to Redis before the local fallback decides.", gt=0))
+    breaker_failures: int = field(default=3, metadata=_meta(
+        "Consecutive Redis failures that open the circuit breaker.", gt=0))
+    breaker_reset_s: float = field(default=5.0, metadata=_meta(
+        "How long the breaker stays open before Redis is tried again.", gt=0))
+    local_share: float = field(default=1.0, metadata=_meta(
+        "Share of each limit the local buckets hold when Redis is down "
+        "(e.g. 1 / expected replicas).", gt=0))
+    default_max_tokens: int = field(default=1024, metadata=_meta(
+        "Output tokens assumed when a request sets no max_tokens.", gt=0))
+    count_cache_hits: bool = field(default=False, metadata=_meta(
+        "Charge answers served from cache against upstream quotas."))
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """The whole configuration. ``source`` records where it came from, for /status."""
@@ -149,6 +215,7 @@ class SidecarConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     source: str = field(default="embedded defaults", compare=False,
                         metadata=_meta("(set by the loader)"))
 
@@ -244,6 +311,14 @@ def _build(cls: type[Any], data: Any, path: str, problems: list[str]) -> Any:
             continue
         if _check_bounds(f.metadata, converted, key_path, problems):
             kwargs[key] = converted
+    missing = [f.name for f in fields.values()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in data]
+    for name in missing:
+        problems.append(f"{path}.{name}: required" if path else f"{name}: required")
+    if missing or any(k not in kwargs for k in data if k in fields and
+                      fields[k].default is dataclasses.MISSING):
+        return None
     # Invalid keys fall back to defaults so that sibling sections still get checked.
     return cls(**kwargs)
 
@@ -261,6 +336,21 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         built = _build(tp, value, path, problems)  # type: ignore[arg-type]
         return _INVALID if built is None else built
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be a list, got {_kind(value)}")
+            return _INVALID
+        item_type = typing.get_args(tp)[0]
+        items = [_convert(item_type, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return _INVALID if any(i is _INVALID for i in items) else tuple(items)
+    if origin is dict:  # dict[str, X]: a YAML mapping
+        if not isinstance(value, dict):
+            problems.append(f"{path}: must be a mapping, got {_kind(value)}")
+            return _INVALID
+        value_type = typing.get_args(tp)[1]
+        converted = {str(k): _convert(value_type, v, f"{path}.{k}", problems)
+                     for k, v in value.items()}
+        return _INVALID if _INVALID in converted.values() else converted
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -315,6 +405,33 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
                         f"{cfg.upstream.api_key_env} is not set or empty")
     if not cfg.identity.agent_header.strip():
         problems.append("identity.agent_header: must not be empty")
+    _check_rules(cfg.ratelimit, problems)
+
+
+def _check_rules(rl: RateLimitConfig, problems: list[str]) -> None:
+    if rl.local_share > 1:
+        problems.append(f"ratelimit.local_share: must be <= 1, got {rl.local_share}")
+    seen: set[str] = set()
+    for i, rule in enumerate(rl.rules):
+        where = f"ratelimit.rules[{i}]"
+        if rule.name in seen:
+            problems.append(f"{where}.name: duplicate rule name {rule.name!r}")
+        seen.add(rule.name)
+        for dim in rule.per:
+            if dim not in DIMENSIONS:
+                problems.append(f"{where}.per: unknown dimension {dim!r} "
+                                f"(one of {', '.join(DIMENSIONS)})")
+        for dim in rule.match:
+            if dim not in DIMENSIONS:
+                problems.append(f"{where}.match: unknown dimension {dim!r} "
+                                f"(one of {', '.join(DIMENSIONS)})")
+        if rule.requests is None and rule.tokens is None:
+            problems.append(f"{where}: needs a requests or a tokens quota")
+        for kind in ("requests", "tokens"):
+            quota = getattr(rule, kind)
+            if quota is not None and parse_period(quota.period) is None:
+                problems.append(f"{where}.{kind}.period: not a period (1s, 30s, 1m, 1h, 1d "
+                                f"or seconds), got {quota.period!r}")
 
 
 def _type_name(tp: Any) -> str:

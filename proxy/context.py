@@ -65,8 +65,9 @@ class RequestContext:
     first_chunk_ns: int | None = None
     finished_ns: int | None = None
     error_kind: str | None = None
-    # Per-request state of the telemetry stage (trace and span ids).
+    # Per-request state of stages: telemetry (trace and span ids), limits (charges).
     trace: Any = None
+    limit: Any = None
 
     @property
     def endpoint(self) -> Endpoint:

@@ -86,16 +86,16 @@ class RouteStage(Stage):
     name = "route"
 
 
-class LimitStage(Stage):
-    """Distributed rate limits. No-op until issue 4."""
+class NoLimitStage(Stage):
+    """Stands in for the limit stage when no rule is configured."""
 
     name = "limit"
 
 
-def default_stages(cfg: SidecarConfig) -> list[Stage]:
+def default_stages(cfg: SidecarConfig, limit: Stage | None = None) -> list[Stage]:
     """The request stages in journey order (telemetry, when on, wraps them all)."""
     return [IdentifyStage(cfg.identity.namespace, cfg.identity.agent_header),
-            CacheStage(), RouteStage(), LimitStage()]
+            CacheStage(), RouteStage(), limit or NoLimitStage()]
 
 
 def _overrides(stage: Stage, hook: str) -> bool:

@@ -1,0 +1,245 @@
+"""Admit or deny a request's charges: Redis first, local buckets when Redis cannot answer.
+
+The Redis call has a tight time budget and sits behind a circuit breaker, so
+a slow or dead Redis costs at most one budget per request until the breaker
+opens, and nothing after. While Redis is unavailable each rule follows its
+``on_redis_down``: ``local`` buckets holding ``local_share`` of the limit,
+``open`` (admit) or ``closed`` (deny). The breaker closes again by itself
+once a trial call succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy.config import RateLimitConfig
+from proxy.health import Health, State
+from proxy.ratelimit.policy import Charge
+from proxy.ratelimit.scripts import LuaScript
+
+log = logging.getLogger("proxy.ratelimit")
+
+_GRACE_MS = 1000  # a key outlives its full-again time by this much
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """One bucket after the decision."""
+
+    remaining: int
+    reset_s: float
+    retry_s: float  # 0: admits; > 0: wait this long; < 0: never (cost > capacity)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome over all of a request's charges."""
+
+    admitted: bool
+    states: list[BucketState]
+    backend: str  # redis | local | open | closed
+    denied_by: Charge | None = None
+
+    @property
+    def never(self) -> bool:
+        """Denied by a bucket that cannot ever hold this request."""
+        return any(s.retry_s < 0 for s in self.states)
+
+    @property
+    def retry_s(self) -> float:
+        """How long to wait before the request could be admitted."""
+        return max((s.retry_s for s in self.states), default=0.0)
+
+
+class LocalBuckets:
+    """The same GCRA maths as lua/ratelimit.lua, in process (one replica's view)."""
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._sweep_at = 0.0
+
+    def apply(self, charges: list[Charge], *, force: bool = False,
+              share: float = 1.0) -> tuple[bool, list[BucketState]]:
+        """Check and charge all buckets atomically (``force``: charge regardless)."""
+        now = time.monotonic() * 1_000_000
+        plans = []
+        admitted = True
+        for c in charges:
+            quota = c.quota if share == 1.0 else c.quota.scaled(share)
+            t, cap = quota.us_per_unit, quota.capacity
+            tat = max(self._tat.get(c.key, now), now)
+            new = max(tat + c.cost * t, now)
+            retry = 0.0
+            if not force and c.cost > 0:
+                if c.cost > cap:
+                    retry, admitted = -1.0, False
+                elif new > now + cap * t:
+                    retry, admitted = (new - now - cap * t) / 1e6, False
+            plans.append((c.key, tat, new, t, cap, retry))
+        states = []
+        for key, before, after, t, cap, retry in plans:
+            level = before
+            if admitted:
+                level = after
+                self._tat[key] = after
+            states.append(BucketState(max(0, int((now + cap * t - level) // t)),
+                                      (level - now) / 1e6, retry))
+        if now > self._sweep_at:
+            self._sweep(now)
+        return admitted, states
+
+    def _sweep(self, now: float) -> None:
+        # Full buckets need no state: forget them, as Redis lets such keys expire.
+        self._tat = {k: v for k, v in self._tat.items() if v > now}
+        self._sweep_at = now + 10_000_000
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker with a timed half-open trial."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.failures = 0
+        self.open_until = 0.0
+        self.opened = 0  # times it opened, for /status and logs
+
+    @property
+    def state(self) -> str:
+        """closed, open or half-open."""
+        if self.failures < self.threshold:
+            return "closed"
+        return "open" if time.monotonic() < self.open_until else "half-open"
+
+    def allow(self) -> bool:
+        """Whether to try Redis now (closed, or half-open: one trial after the wait)."""
+        return self.state != "open"
+
+    def success(self) -> None:
+        if self.failures >= self.threshold:
+            log.warning("rate limiter: Redis is back, breaker closed")
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            if self.open_until <= time.monotonic():
+                self.opened += 1
+                log.warning("rate limiter: Redis unavailable, breaker open for %.1fs "
+                            "(local fallback policy in force)", self.reset_s)
+            self.open_until = time.monotonic() + self.reset_s
+
+
+class Limiter:
+    """Decides charges against Redis, or locally when there is no Redis or it is down."""
+
+    def __init__(self, cfg: RateLimitConfig) -> None:
+        self.cfg = cfg
+        self.redis: Redis | None = (
+            Redis.from_url(cfg.redis_url, socket_connect_timeout=cfg.timeout_ms / 1000 * 20,
+                           health_check_interval=0)
+            if cfg.redis_url else None)
+        self.script = LuaScript("ratelimit")
+        self.local = LocalBuckets()
+        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s)
+        self.timeout_s = cfg.timeout_ms / 1000
+        self.decisions: dict[str, int] = {}
+        self.last_latency_ms: float | None = None
+
+    async def start(self) -> None:
+        """Load the script (a Redis that is down now is not fatal: the breaker handles it)."""
+        if self.redis is not None:
+            try:
+                await self.script.load(self.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("rate limiter: cannot load script yet (%s)", type(exc).__name__)
+
+    async def close(self) -> None:
+        """Close the Redis pool."""
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def decide(self, charges: list[Charge]) -> Decision:
+        """Admit (charging every bucket) or deny (charging none)."""
+        decision = await self._redis_call(charges, force=False)
+        if decision is None:
+            decision = self._fallback(charges)
+        self.decisions[decision.backend] = self.decisions.get(decision.backend, 0) + 1
+        return decision
+
+    async def reconcile(self, charges: list[Charge]) -> None:
+        """Apply corrections (positive or negative costs) unconditionally."""
+        if await self._redis_call(charges, force=True) is None:
+            self.local.apply(charges, force=True, share=self._share())
+
+    def _share(self) -> float:
+        return 1.0 if self.redis is None else self.cfg.local_share
+
+    async def _redis_call(self, charges: list[Charge], *, force: bool) -> Decision | None:
+        redis = self.redis
+        if redis is None or not self.breaker.allow():
+            return None
+        args: list[object] = ["force" if force else "check", _GRACE_MS]
+        for c in charges:
+            args += [c.quota.us_per_unit, c.quota.capacity, c.cost]
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await self.script(redis, [c.key for c in charges], args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            log.debug("rate limiter: Redis call failed (%s)", type(exc).__name__)
+            return None
+        self.last_latency_ms = (time.perf_counter() - started) * 1000
+        self.breaker.success()
+        admitted = bool(reply[0])
+        states = [BucketState(int(reply[i]), int(reply[i + 1]) / 1e6,
+                              -1.0 if int(reply[i + 2]) < 0 else int(reply[i + 2]) / 1e6)
+                  for i in range(2, len(reply), 3)]
+        return Decision(admitted, states, "redis", _denier(charges, states))
+
+    def _fallback(self, charges: list[Charge]) -> Decision:
+        local = [c for c in charges if self.redis is None or c.rule.on_redis_down == "local"]
+        closed = [c for c in charges
+                  if self.redis is not None and c.rule.on_redis_down == "closed"]
+        if closed:
+            wait = max(self.breaker.open_until - time.monotonic(), 1.0)
+            states = [BucketState(0, wait, wait) for _ in charges]
+            return Decision(False, states, "closed", closed[0])
+        admitted, local_states = self.local.apply(local, share=self._share())
+        by_key = dict(zip((c.key for c in local), local_states, strict=True))
+        # Rules that fail open impose nothing while Redis is away.
+        states = [by_key.get(c.key, BucketState(c.quota.capacity, 0.0, 0.0)) for c in charges]
+        backend = "local" if local else "open"
+        return Decision(admitted, states, backend, _denier(charges, states))
+
+    async def health(self) -> Health:
+        """Redis reachability as the breaker sees it."""
+        details: dict[str, object] = {"backend": "redis" if self.redis else "local",
+                                      "breaker": self.breaker.state,
+                                      "breaker_opened": self.breaker.opened,
+                                      "decisions": dict(self.decisions),
+                                      "last_redis_ms": self.last_latency_ms}
+        if self.redis is None:
+            return Health(State.OK, "local buckets (no Redis configured)", details)
+        if self.breaker.state != "closed":
+            return Health(State.DEGRADED, "Redis unavailable: limits run on the local "
+                          "fallback policy", details)
+        return Health(State.OK, "", details)
+
+
+def _denier(charges: list[Charge], states: list[BucketState]) -> Charge | None:
+    worst = None
+    worst_retry = 0.0
+    for c, s in zip(charges, states, strict=True):
+        if s.retry_s < 0:
+            return c
+        if s.retry_s > worst_retry:
+            worst, worst_retry = c, s.retry_s
+    return worst

@@ -1,0 +1,223 @@
+"""Rate limits end to end: the openai SDK through sidecars, local buckets and a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from proxy.app import PIPELINE
+from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig
+from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.redis_server import RedisServer
+
+MESSAGES: list[Any] = [{"role": "user", "content": "limit me"}]
+
+
+@pytest.fixture(scope="module")
+def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
+    factory = SidecarFactory(loop_thread, mock)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _seconds(duration: str) -> float:
+    import re
+    if duration.endswith("ms"):
+        return float(duration[:-2]) / 1000
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?", duration)
+    assert parts is not None, duration
+    h, m, sec = parts.groups()
+    return int(h or 0) * 3600 + int(m or 0) * 60 + float(sec or 0)
+
+
+def _rules(*rules: RuleConfig, **kw: Any) -> RateLimitConfig:
+    return RateLimitConfig(rules=rules, **kw)
+
+
+def _chat(client: openai.OpenAI, **kw: Any) -> Any:
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, **kw)
+
+
+def _settled(sidecars: SidecarFactory, url: str) -> None:
+    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
+
+
+def test_local_limit_headers_and_openai_style_429(sidecars: SidecarFactory) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="agent-rpm", per=("agent",), requests=QuotaConfig(amount=3, period="1m"))))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        hdrs = {"x-agent-id": "planner"}
+        seen = [_chat(c, extra_headers=hdrs).headers for _ in range(3)]
+        assert [h["x-ratelimit-remaining-requests"] for h in seen] == ["2", "1", "0"]
+        assert all(h["x-ratelimit-limit-requests"] == "3" for h in seen)
+        # Reset = time until the bucket is full again, in OpenAI's duration format.
+        resets = [_seconds(h["x-ratelimit-reset-requests"]) for h in seen]
+        assert resets == pytest.approx([20, 40, 60], abs=0.1)
+        with pytest.raises(openai.RateLimitError) as info:
+            _chat(c, extra_headers=hdrs)
+        err = info.value
+        assert err.code == "rate_limit_exceeded"
+        assert "agent-rpm" in err.message and "3 requests per 1m0s" in err.message
+        assert 1 <= int(err.response.headers["retry-after"]) <= 20
+        assert int(err.response.headers["retry-after-ms"]) > 19_000
+        # Another agent has its own bucket.
+        assert _chat(c, extra_headers={"x-agent-id": "coder"}).headers[
+            "x-ratelimit-remaining-requests"] == "2"
+
+
+def test_request_larger_than_capacity_says_waiting_will_not_help(
+        sidecars: SidecarFactory) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="tpm", tokens=QuotaConfig(amount=500, period="1m"))))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=2) as c, \
+            pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4000)
+    assert info.value.response.headers["x-should-retry"] == "false"  # the SDK did not retry
+    assert "Waiting will not help" in info.value.message
+
+
+def test_sdk_backs_off_and_retries_our_429(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="one-per-second", requests=QuotaConfig(amount=1, period="1s"))))
+    key = "POST /v1/chat/completions"
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=3) as c:
+        before = mock.server.stats.requests[key]
+        started = time.monotonic()
+        c.chat.completions.create(model="m", messages=MESSAGES)
+        c.chat.completions.create(model="m", messages=MESSAGES)  # 429 first, then admitted
+        elapsed = time.monotonic() - started
+    assert mock.server.stats.requests[key] - before == 2  # the denied try never went upstream
+    assert elapsed >= 0.5  # the SDK honoured retry-after / retry-after-ms
+
+
+def test_token_estimate_is_reconciled_with_real_usage(sidecars: SidecarFactory) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="tpm", tokens=QuotaConfig(amount=100_000, period="1h"))))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        first = _chat(c, max_tokens=5000)
+        after_estimate = int(first.headers["x-ratelimit-remaining-tokens"])
+        used = first.parse().usage.total_tokens
+        _settled(sidecars, url)
+        second = _chat(c, max_tokens=1)
+        after_second = int(second.headers["x-ratelimit-remaining-tokens"])
+        _settled(sidecars, url)
+        stream = c.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
+                                           max_tokens=3000)
+        list(stream)
+        _settled(sidecars, url)
+        third = _chat(c, max_tokens=1)
+    assert after_estimate <= 100_000 - 5000  # charged up front, estimate included output
+    # The 5000-token estimate was corrected to the real usage once the answer was known.
+    estimate_second = 100_000 - used - after_second
+    assert 0 < estimate_second < 100  # only the second request's small estimate is pending
+    # Streaming reconciles too (the sidecar asked upstream for the usage chunk).
+    third_remaining = int(third.headers["x-ratelimit-remaining-tokens"])
+    assert third_remaining > after_second - 3000
+
+
+def test_limit_holds_across_replicas_sharing_redis(sidecars: SidecarFactory,
+                                                   redis_server: RedisServer) -> None:
+    limits = _rules(RuleConfig(name="fleet", requests=QuotaConfig(amount=5, period="1h")),
+                    redis_url=redis_server.url, timeout_ms=200)
+    urls = [sidecars.start(ratelimit=limits) for _ in range(2)]
+    admitted = denied = 0
+    clients = [openai.OpenAI(base_url=u, api_key="k", max_retries=0) for u in urls]
+    try:
+        for i in range(8):
+            try:
+                clients[i % 2].chat.completions.create(model="m", messages=MESSAGES)
+                admitted += 1
+            except openai.RateLimitError:
+                denied += 1
+    finally:
+        for c in clients:
+            c.close()
+    assert (admitted, denied) == (5, 3)
+
+
+def test_local_buckets_alone_let_each_replica_admit_the_full_limit(
+        sidecars: SidecarFactory) -> None:
+    # The problem Redis solves: without it, N replicas admit N times the limit.
+    limits = _rules(RuleConfig(name="fleet", requests=QuotaConfig(amount=5, period="1h")))
+    urls = [sidecars.start(ratelimit=limits) for _ in range(2)]
+    admitted = 0
+    for i in range(10):
+        with openai.OpenAI(base_url=urls[i % 2], api_key="k", max_retries=0) as c:
+            try:
+                c.chat.completions.create(model="m", messages=MESSAGES)
+                admitted += 1
+            except openai.RateLimitError:
+                pass
+    assert admitted == 10
+
+
+def _status(url: str) -> dict[str, Any]:
+    import urllib.request
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/status", timeout=5) as r:
+        doc: dict[str, Any] = orjson.loads(r.read())
+    return doc
+
+
+def test_redis_down_falls_back_then_recovers(sidecars: SidecarFactory,
+                                             redis_server: RedisServer) -> None:
+    limits = _rules(RuleConfig(name="fleet", requests=QuotaConfig(amount=100, period="1h")),
+                    redis_url=redis_server.url, timeout_ms=100, breaker_failures=2,
+                    breaker_reset_s=0.3, local_share=0.05)
+    url = sidecars.start(ratelimit=limits)
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        ok = _chat(c)
+        assert ok.headers["x-ratelimit-remaining-requests"] == "99"  # from Redis
+        redis_server.stop()
+        # Requests keep flowing on the local share (5 of 100) while Redis is away.
+        statuses = []
+        for _ in range(7):
+            try:
+                _chat(c)
+                statuses.append(200)
+            except openai.RateLimitError:
+                statuses.append(429)
+        assert statuses == [200] * 5 + [429] * 2
+        status = _status(url)
+        comp = status["components"]["ratelimit"]
+        assert comp["state"] == "degraded" and comp["details"]["breaker"] in ("open",
+                                                                              "half-open")
+        assert status["components"]["process"]["state"] == "ok"  # still serving
+        redis_server.start()  # same port: shared limits resume
+        time.sleep(0.35)  # the breaker's own reset period elapsing (behaviour under test)
+        back = _chat(c)
+        assert back.headers["x-ratelimit-remaining-requests"] == "99"  # Redis restarted empty
+        assert _status(url)["components"]["ratelimit"]["details"]["breaker"] == "closed"
+
+
+def test_fail_closed_rule_denies_while_redis_is_down(sidecars: SidecarFactory,
+                                                     redis_server: RedisServer) -> None:
+    limits = _rules(RuleConfig(name="strict", requests=QuotaConfig(amount=100, period="1h"),
+                               on_redis_down="closed"),
+                    redis_url=redis_server.url, timeout_ms=100)
+    url = sidecars.start(ratelimit=limits)
+    redis_server.stop()
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c, \
+            pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="m", messages=MESSAGES)
+    assert "limiter unavailable" in info.value.message
+    assert int(info.value.response.headers["retry-after"]) >= 1
+
+
+def test_openai_duration_format() -> None:
+    from proxy.ratelimit.policy import format_duration
+    assert [format_duration(s) for s in (0.02, 1, 6 * 60, 61.5, 3723)] == [
+        "20ms", "1s", "6m0s", "1m1.5s", "1h2m3s"]
