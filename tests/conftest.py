@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
@@ -23,6 +24,14 @@ from proxy.config import ServerConfig, SidecarConfig, UpstreamConfig
 from proxy.server import running
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for servers to start on, or to find closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 class LoopThread:

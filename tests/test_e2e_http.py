@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import aiohttp
@@ -13,7 +12,7 @@ import pytest
 from yarl import URL
 
 from proxy.config import ServerConfig, UpstreamConfig
-from tests.conftest import Mock, SidecarFactory
+from tests.conftest import Mock, SidecarFactory, free_port
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -35,13 +34,6 @@ def _error(body: bytes) -> dict[str, Any]:
     assert set(doc["error"]) == {"message", "type", "param", "code"}
     err: dict[str, Any] = doc["error"]
     return err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # ------------------------------------------------------------------ pass-through
@@ -168,7 +160,7 @@ def test_sdk_sees_bad_input_as_openai_errors(client: openai.OpenAI) -> None:
 
 
 def test_upstream_down_gives_502(sidecars: SidecarFactory) -> None:
-    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1"))
+    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{free_port()}/v1"))
     for path, kw in (("/chat/completions", {"json": CHAT}), ("/models", {})):
         status, headers, body = call("POST" if kw else "GET", url + path, **kw)
         assert status == 502
@@ -274,7 +266,7 @@ def test_health_endpoints(sidecar: str) -> None:
 
 
 def test_secrets_never_in_status_or_errors(sidecars: SidecarFactory, mock: Mock) -> None:
-    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1",
+    url = sidecars.start(upstream=UpstreamConfig(base_url=f"http://127.0.0.1:{free_port()}/v1",
                                                  api_key="sk-SECRET-upstream"))
     _, _, err = call("POST", f"{url}/chat/completions", json=CHAT,
                      headers={"Authorization": "Bearer sk-SECRET-agent"})

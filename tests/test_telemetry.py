@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from proxy.app import PIPELINE, TELEMETRY
 from proxy.config import TelemetryConfig
 from proxy.telemetry.providers import TelemetryConfigError, build_providers
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import LoopThread, Mock, SidecarFactory, free_port
 from tests.otlp_receiver import OtlpReceiver
 
 AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -191,16 +190,9 @@ def test_record_content_when_enabled(sidecars: SidecarFactory,
     assert "choices" in span["attributes"]["gen_ai.output.messages"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_collector_down_costs_requests_nothing(sidecars: SidecarFactory) -> None:
     url = sidecars.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT":
-                              f"http://127.0.0.1:{_closed_port()}",
+                              f"http://127.0.0.1:{free_port()}",
                               "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
 
     async def go() -> list[int]:
