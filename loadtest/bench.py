@@ -65,6 +65,8 @@ from typing import Any, NamedTuple, cast
 
 import orjson
 
+from proxy.server import loop_factory
+
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "loadtest" / "results"
@@ -1129,14 +1131,6 @@ async def run_scenarios(results: Results, servers: dict[str, Server], plan: Plan
               flush=True)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 class RunSetup(NamedTuple):
     """A run's time stamp, output directory and CPU placement."""
 
@@ -1168,7 +1162,7 @@ def run_benchmark(plan: Plan, with_profile: bool, command: str) -> Results:
     servers = start_servers(out_dir, srv_cpu)
     try:
         print(f"servers up (logs in {out_dir.relative_to(ROOT)}); {pinning}", flush=True)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(run_scenarios(results, servers, plan, with_profile, out_dir))
     finally:
         for server in servers.values():
@@ -1860,7 +1854,7 @@ def run_telemetry_benchmark(plan: Plan, with_profile: bool, command: str,
     servers = start_telemetry_servers(out_dir, srv_cpu, switch_interval_ms)
     try:
         print(f"servers up (logs in {out_dir.relative_to(ROOT)}); {pinning}", flush=True)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(run_telemetry_scenarios(r, servers, plan, with_profile, out_dir))
     finally:
         # Sidecars first: sidecar-otel flushes its last telemetry to the sink on exit.

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import math
 import random
-import signal
 import sys
 import threading
 import time
@@ -52,6 +51,8 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import BodyPartReader, web
+
+from proxy.server import loop_factory, wait_for_stop_signal
 
 __all__ = [
     "MockConfig",
@@ -1360,27 +1361,12 @@ def _response_object(
 # CLI
 
 
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 async def _serve_forever(config: MockConfig, host: str, port: int) -> None:
     upstream = MockUpstream(config)
     url = await upstream.start(host, port)
     print(f"mock upstream listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Platforms without loop signal support fall back to KeyboardInterrupt,
-        # which main() swallows.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
         await upstream.stop()
 
@@ -1413,7 +1399,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with (
         contextlib.suppress(KeyboardInterrupt),
-        asyncio.Runner(loop_factory=_uvloop_factory()) as runner,
+        asyncio.Runner(loop_factory=loop_factory()) as runner,
     ):
         runner.run(_serve_forever(config, args.host, args.port))
 

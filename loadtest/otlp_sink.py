@@ -21,10 +21,8 @@ import argparse
 import asyncio
 import contextlib
 import gzip
-import signal
 import time
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -37,6 +35,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
+from proxy.server import loop_factory, wait_for_stop_signal
 
 PROTOBUF = "application/x-protobuf"
 _TRACE_OK = ExportTraceServiceResponse().SerializeToString()
@@ -167,14 +167,6 @@ def build_app(decode: bool = True) -> web.Application:
     return app
 
 
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 async def _serve_forever(host: str, port: int, decode: bool) -> None:
     runner = web.AppRunner(build_app(decode), access_log=None)
     await runner.setup()
@@ -182,13 +174,8 @@ async def _serve_forever(host: str, port: int, decode: bool) -> None:
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     print(f"otlp sink listening on http://{host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
         await runner.cleanup()
 
@@ -203,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="count exports and bytes only (no span / data point counts)")
     args = parser.parse_args(argv)
     with (contextlib.suppress(KeyboardInterrupt),
-          asyncio.Runner(loop_factory=_uvloop_factory()) as runner):
+          asyncio.Runner(loop_factory=loop_factory()) as runner):
         runner.run(_serve_forever(args.host, args.port, not args.no_decode))
 
 

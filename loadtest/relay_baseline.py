@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from proxy.server import loop_factory, wait_for_stop_signal
 
 __all__ = ["build_app", "main"]
 
@@ -135,22 +136,9 @@ async def _serve(host: str, port: int, upstream: str) -> None:
         await site.start()
         bound = runner.addresses[0][1]
         print(f"relay listening on http://{host}:{bound}{_PREFIX}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal()
     finally:
         await runner.cleanup()
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # the stdlib loop works, only slower
-        return None
-    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="upstream base URL, e.g. http://127.0.0.1:8001/v1")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt), \
-            asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(args.host, args.port, args.upstream))
 
 

@@ -6,26 +6,19 @@ import argparse
 import asyncio
 import dataclasses
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from proxy import __version__
 from proxy.config import ConfigError, SidecarConfig, describe_defaults, load_config
+from proxy.server import loop_factory
 
 EXIT_BAD_CONFIG = 2
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # optional: the stdlib loop works, just slower
-        return None
-    return uvloop.new_event_loop
-
-
 def run(coro: Coroutine[Any, Any, int | None]) -> int | None:
     """Run a coroutine on uvloop when it is installed."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(coro)
 
 

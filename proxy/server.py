@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.log import access_logger
@@ -44,15 +44,29 @@ async def running(app: web.Application, cfg: SidecarConfig,
 log = logging.getLogger("proxy.server")
 
 
-async def serve_forever(app: web.Application, cfg: SidecarConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then drain in-flight requests and stop."""
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when it is installed (the stdlib loop works, only slower)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM (where the loop cannot trap them, Ctrl-C still raises)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_forever(app: web.Application, cfg: SidecarConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then drain in-flight requests and stop."""
     async with running(app, cfg) as url:
         log.info("llm-sidecar listening on %s/v1 (upstream %s)", url, cfg.upstream.base_url)
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("stopping: draining in-flight requests (up to %.0fs)",
                  cfg.server.shutdown_timeout_s)
