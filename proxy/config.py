@@ -202,8 +202,6 @@ class RateLimitConfig:
         "(e.g. 1 / expected replicas).", gt=0))
     default_max_tokens: int = field(default=1024, metadata=_meta(
         "Output tokens assumed when a request sets no max_tokens.", gt=0))
-    count_cache_hits: bool = field(default=False, metadata=_meta(
-        "Charge answers served from cache against upstream quotas."))
 
 
 @dataclass(frozen=True, slots=True)

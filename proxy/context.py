@@ -60,7 +60,6 @@ class RequestContext:
     response_body: bytes | None = None
     # Set from the stream as it passes; for a JSON answer, parsed on first use.
     stream_summary: ResponseSummary | None = None
-    stream_complete: bool = False
     reported_overhead_ms: float | None = None
     first_chunk_ns: int | None = None
     finished_ns: int | None = None

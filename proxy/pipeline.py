@@ -203,7 +203,6 @@ class Pipeline:
             out = await self.upstream.relay(
                 ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
             ctx.stream_summary = tap.summary()
-            ctx.stream_complete = tap.done
             ctx.first_chunk_ns = tap.first_ns or None
             if tap.failure is not None:
                 ctx.error_kind = tap.failure

@@ -9,7 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.wire.canonical import BadRequestBody, Endpoint, parse_request
 from proxy.wire.headers import bearer_token, client_response_headers, upstream_request_headers
 from proxy.wire.sse import SSESplitter, StreamTap, event_data
-from proxy.wire.usage import Usage, usage_from_body
+from proxy.wire.usage import ResponseSummary, Usage
 
 STREAM = (b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
           b'data: {"id":"a","choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
@@ -81,6 +81,9 @@ def test_tap_reads_usage_from_responses_completed_event() -> None:
 
 
 def test_usage_from_body() -> None:
+    def usage_from_body(body: bytes) -> Usage | None:
+        return ResponseSummary.from_body(body).usage
+
     body = orjson.dumps({"usage": {"prompt_tokens": 7, "total_tokens": 7,
                                    "prompt_tokens_details": {"cached_tokens": 3}}})
     assert usage_from_body(body) == Usage(7, 0, 7, cached_input_tokens=3)

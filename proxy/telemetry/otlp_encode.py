@@ -22,7 +22,6 @@ AttributeValue = str | bool | int | float | tuple[str, ...]
 SPAN_KIND_INTERNAL = 1
 SPAN_KIND_SERVER = 2
 SPAN_KIND_CLIENT = 3
-STATUS_UNSET = 0
 STATUS_ERROR = 2
 
 _DOUBLE = struct.Struct("<d")

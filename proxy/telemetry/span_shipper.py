@@ -43,7 +43,6 @@ class SpanShipper:
         self.batch = batch
         self.max_queue = max_queue
         self.dropped = 0
-        self.exported = 0
         self._pending: list[bytes] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -113,7 +112,6 @@ class SpanShipper:
                 detail = type(exc).__name__
         self.record.record(ok)
         if ok:
-            self.exported += len(spans)
             self._failures_logged = 0
             return
         self.dropped += len(spans)

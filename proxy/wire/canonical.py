@@ -41,15 +41,6 @@ _OPERATIONS = {
     Endpoint.RESPONSES: "chat",
 }
 
-# Parameters that can change a model's answer (later: cache keys, telemetry).
-SAMPLING_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens",
-                   "max_output_tokens", "n", "seed", "stop", "presence_penalty",
-                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-                   "response_format", "text", "tools", "tool_choice",
-                   "parallel_tool_calls", "reasoning_effort", "reasoning",
-                   "dimensions", "encoding_format", "instructions")
-
-
 class BadRequestBody(ValueError):
     """The body of an intercepted request is not a JSON object."""
 
@@ -77,11 +68,6 @@ class CanonicalRequest:
         key = "messages" if self.endpoint is Endpoint.CHAT else (
             "prompt" if self.endpoint is Endpoint.COMPLETIONS else "input")
         return self.body.get(key)
-
-    def params(self) -> dict[str, Any]:
-        """The answer-changing parameters present in the request."""
-        body = self.body
-        return {k: body[k] for k in SAMPLING_PARAMS if k in body}
 
     def set(self, key: str, value: Any) -> None:
         """Change a top-level body field (the body is re-encoded before sending)."""

@@ -70,16 +70,6 @@ class ResponseSummary:
             return cls()
 
 
-def usage_from_body(body: bytes) -> Usage | None:
-    """Usage from a complete JSON response body, or None if it has none."""
-    if b'"usage"' not in body:
-        return None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return Usage.from_openai(doc.get("usage")) if isinstance(doc, dict) else None
-
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
