@@ -123,8 +123,9 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
     upstream = Upstream(cfg.upstream)
     limiter = Limiter(cfg.ratelimit) if cfg.ratelimit.rules else None
-    stages: list[Stage] = default_stages(
-        cfg, LimitStage(Policy(cfg.ratelimit), limiter) if limiter else None)
+    limit = (LimitStage(Policy(cfg.ratelimit), limiter, cfg.ratelimit.max_queued)
+             if limiter else None)
+    stages: list[Stage] = default_stages(cfg, limit)
     providers = None
     if cfg.telemetry.enabled and not telemetry_disabled(env):
         providers = build_providers(env, cfg.telemetry.service_name,

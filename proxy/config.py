@@ -179,6 +179,11 @@ class RuleConfig:
     requests: QuotaConfig | None = field(default=None, metadata=_meta("Requests per period."))
     tokens: QuotaConfig | None = field(default=None, metadata=_meta(
         "Tokens (input + output) per period, charged by estimate then reconciled."))
+    concurrent: int | None = field(default=None, metadata=_meta(
+        "Requests in flight at once (held until the answer ends).", gt=0))
+    max_wait: str | None = field(default=None, metadata=_meta(
+        "Instead of answering 429, hold a request this long (e.g. 10s) until the rule "
+        "admits it. Unset: 429 at once."))
     on_redis_down: str = field(default="local", metadata=_meta(
         "With Redis unavailable: local (a share of the limit per replica), open "
         "(admit) or closed (deny).", choices=("local", "open", "closed")))
@@ -191,6 +196,8 @@ class RateLimitConfig:
     rules: tuple[RuleConfig, ...] = field(default=(), metadata=_meta("The limit rules."))
     redis_url: str | None = field(default=None, repr=False, metadata=_meta(
         "Redis shared by all replicas (null: local buckets only, per replica)."))
+    redis_cluster: bool = field(default=False, metadata=_meta(
+        "redis_url names a node of a Redis Cluster (keys share one hash tag)."))
     timeout_ms: float = field(default=5.0, metadata=_meta(
         "Budget for one limiter call to Redis before the local fallback decides.", gt=0))
     breaker_failures: int = field(default=3, metadata=_meta(
@@ -202,6 +209,11 @@ class RateLimitConfig:
         "(e.g. 1 / expected replicas).", gt=0))
     default_max_tokens: int = field(default=1024, metadata=_meta(
         "Output tokens assumed when a request sets no max_tokens.", gt=0))
+    lease_ttl_s: float = field(default=900.0, metadata=_meta(
+        "An in-flight slot (concurrent quota) frees itself after this long if its "
+        "replica never releases it (crashed). Keep above the longest request.", gt=0))
+    max_queued: int = field(default=1000, metadata=_meta(
+        "Requests a replica holds at once for rules with max_wait; beyond, 429.", ge=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,8 +435,11 @@ def _check_rules(rl: RateLimitConfig, problems: list[str]) -> None:
             if dim not in DIMENSIONS:
                 problems.append(f"{where}.match: unknown dimension {dim!r} "
                                 f"(one of {', '.join(DIMENSIONS)})")
-        if rule.requests is None and rule.tokens is None:
-            problems.append(f"{where}: needs a requests or a tokens quota")
+        if rule.requests is None and rule.tokens is None and rule.concurrent is None:
+            problems.append(f"{where}: needs a requests, tokens or concurrent quota")
+        if rule.max_wait is not None and parse_period(rule.max_wait) is None:
+            problems.append(f"{where}.max_wait: not a duration (500ms, 10s, 1m or "
+                            f"seconds), got {rule.max_wait!r}")
         for kind in ("requests", "tokens"):
             quota = getattr(rule, kind)
             if quota is not None and parse_period(quota.period) is None:

@@ -15,6 +15,7 @@ a no-op costs nothing per request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -40,6 +41,7 @@ from proxy.wire.sse import StreamTap
 log = logging.getLogger("proxy.pipeline")
 
 _AGENT_ID_MAX = 128
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
 
 
 class IdentifyStage(Stage):
@@ -130,17 +132,27 @@ class Pipeline:
         except BadRequestBody as exc:
             return self._reject(endpoint, started, errors.invalid_json(str(exc)))
         ctx = RequestContext(request, canonical, started, started_ns)
-        # 2-5 identify, cache, route, limit: any stage may answer by itself
-        response: web.StreamResponse | None = None
-        for stage in self._request_hooks:
-            response = await stage.on_request(ctx)
-            if response is not None:
-                ctx.status = response.status
-                self._add_headers(ctx, response.headers)
-                break
-        # 6 forward
-        if response is None:
-            response = await self._forward(ctx)
+        try:
+            # 2-5 identify, cache, route, limit: any stage may answer by itself
+            response: web.StreamResponse | None = None
+            for stage in self._request_hooks:
+                response = await stage.on_request(ctx)
+                if response is not None:
+                    ctx.status = response.status
+                    self._add_headers(ctx, response.headers)
+                    break
+            # 6 forward
+            if response is None:
+                response = await self._forward(ctx)
+        except asyncio.CancelledError:
+            # The client left (aiohttp cancels the handler). The request still
+            # settles: its in-flight slot is released, telemetry records it.
+            if self._settle_hooks:
+                ctx.error_kind = ctx.error_kind or "client_disconnected"
+                ctx.status = ctx.status or CLIENT_CLOSED
+                ctx.finished_ns = time.time_ns()
+                self.settler.submit(ctx)
+            raise
         # 7-8 settle, telemetry
         if self._settle_hooks:
             await self._send_then_settle(ctx, response)

@@ -36,9 +36,19 @@ def run(server: RedisServer, steps: Any) -> Any:
     return asyncio.run(go())
 
 
+def head(mode: str, grace_ms: int = 1000, lease: str = "", lease_ttl_ms: int = 60_000) -> list[Any]:
+    """The four leading ARGV values."""
+    return [mode, grace_ms, lease, lease_ttl_ms]
+
+
 def bucket(period_s: float, amount: int, cost: int, capacity: int | None = None) -> list[Any]:
-    """ARGV triple for a bucket of ``amount`` units per ``period_s`` (capacity = amount)."""
-    return [period_s * SECOND_US / amount, capacity or amount, cost]
+    """ARGV values of a rate bucket of ``amount`` units per ``period_s`` (capacity = amount)."""
+    return ["rate", period_s * SECOND_US / amount, capacity or amount, cost]
+
+
+def slots(limit: int, cost: int = 1, retry_hint_us: int = SECOND_US) -> list[Any]:
+    """ARGV values of an in-flight (concurrent) bucket."""
+    return ["concurrent", retry_hint_us, limit, cost]
 
 
 def parse(reply: list[int]) -> tuple[bool, int, list[tuple[int, int, int]]]:
@@ -49,7 +59,7 @@ def parse(reply: list[int]) -> tuple[bool, int, list[tuple[int, int, int]]]:
 def test_burst_then_deny_with_retry_time(redis_server: RedisServer) -> None:
     async def steps(r: Redis, script: LuaScript) -> list[Any]:
         key = f"{TAG}:agent:a"
-        return [parse(await script(r, [key], ["check", 1000, *bucket(60, 3, 1)]))
+        return [parse(await script(r, [key], [*head("check"), *bucket(60, 3, 1)]))
                 for _ in range(4)]
 
     replies = run(redis_server, steps)
@@ -66,10 +76,10 @@ def test_refill_is_continuous(redis_server: RedisServer) -> None:
         key = f"{TAG}:agent:b"
         # 100,000 units per second (10 us each), drained at once; every later call
         # (cost 0) sees what the server's clock has refilled since.
-        out = [parse(await script(r, [key], ["check", 1000, *bucket(1, 100_000, 100_000)]))]
+        out = [parse(await script(r, [key], [*head("check"), *bucket(1, 100_000, 100_000)]))]
         for _ in range(5):
             await r.ping()
-            out.append(parse(await script(r, [key], ["check", 1000, *bucket(1, 100_000, 0)])))
+            out.append(parse(await script(r, [key], [*head("check"), *bucket(1, 100_000, 0)])))
         return out
 
     replies = run(redis_server, steps)
@@ -86,11 +96,11 @@ def test_all_or_nothing_across_buckets(redis_server: RedisServer) -> None:
     async def steps(r: Redis, script: LuaScript) -> tuple[Any, Any, Any]:
         agent, ns = f"{TAG}:agent:c", f"{TAG}:ns:x:tokens"
         # The agent bucket has room; the namespace token bucket does not.
-        await script(r, [ns], ["check", 1000, *bucket(60, 100, 90)])
+        await script(r, [ns], [*head("check"), *bucket(60, 100, 90)])
         denied = parse(await script(r, [agent, ns], [
-            "check", 1000, *bucket(60, 10, 1), *bucket(60, 100, 50)]))
+            *head("check"), *bucket(60, 10, 1), *bucket(60, 100, 50)]))
         stored = await r.get(agent)
-        agent_after = parse(await script(r, [agent], ["check", 1000, *bucket(60, 10, 0)]))
+        agent_after = parse(await script(r, [agent], [*head("check"), *bucket(60, 10, 0)]))
         return denied, agent_after, stored
 
     denied, agent_after, stored = run(redis_server, steps)
@@ -103,7 +113,7 @@ def test_all_or_nothing_across_buckets(redis_server: RedisServer) -> None:
 
 def test_cost_above_capacity_can_never_pass(redis_server: RedisServer) -> None:
     async def steps(r: Redis, script: LuaScript) -> Any:
-        return parse(await script(r, [f"{TAG}:t"], ["check", 1000, *bucket(60, 100, 101)]))
+        return parse(await script(r, [f"{TAG}:t"], [*head("check"), *bucket(60, 100, 101)]))
 
     ok, _, [(_, _, retry)] = run(redis_server, steps)
     assert not ok and retry == -1
@@ -112,10 +122,10 @@ def test_cost_above_capacity_can_never_pass(redis_server: RedisServer) -> None:
 def test_force_charges_past_the_limit_and_refunds(redis_server: RedisServer) -> None:
     async def steps(r: Redis, script: LuaScript) -> list[Any]:
         key = f"{TAG}:tokens:f"
-        out = [parse(await script(r, [key], ["force", 1000, *bucket(60, 100, 150)]))]
-        out.append(parse(await script(r, [key], ["check", 1000, *bucket(60, 100, 1)])))
-        out.append(parse(await script(r, [key], ["force", 1000, *bucket(60, 100, -120)])))
-        out.append(parse(await script(r, [key], ["check", 1000, *bucket(60, 100, 1)])))
+        out = [parse(await script(r, [key], [*head("force"), *bucket(60, 100, 150)]))]
+        out.append(parse(await script(r, [key], [*head("check"), *bucket(60, 100, 1)])))
+        out.append(parse(await script(r, [key], [*head("force"), *bucket(60, 100, -120)])))
+        out.append(parse(await script(r, [key], [*head("check"), *bucket(60, 100, 1)])))
         return out
 
     overdrawn, blocked, refunded, admitted = run(redis_server, steps)
@@ -128,7 +138,7 @@ def test_force_charges_past_the_limit_and_refunds(redis_server: RedisServer) -> 
 def test_keys_expire_once_full_again(redis_server: RedisServer) -> None:
     async def steps(r: Redis, script: LuaScript) -> tuple[int, int]:
         key = f"{TAG}:agent:e"
-        await script(r, [key], ["check", 250, *bucket(60, 60, 1)])
+        await script(r, [key], [*head("check", 250), *bucket(60, 60, 1)])
         return int(await r.pttl(key)), int(await r.exists(key))
 
     pttl, exists = run(redis_server, steps)
@@ -142,7 +152,7 @@ def test_noscript_reload_after_script_flush(redis_server: RedisServer) -> None:
         await script.load(r)
         sha = script.sha
         await r.script_flush()  # as after a Redis restart
-        reply = parse(await script(r, [f"{TAG}:n"], ["check", 1000, *bucket(1, 5, 1)]))
+        reply = parse(await script(r, [f"{TAG}:n"], [*head("check"), *bucket(1, 5, 1)]))
         return sha, reply
 
     sha, reply = run(redis_server, steps)
@@ -152,5 +162,57 @@ def test_noscript_reload_after_script_flush(redis_server: RedisServer) -> None:
 def test_script_documents_its_interface() -> None:
     text = (Path(__file__).resolve().parents[1] / "lua" / "ratelimit.lua").read_text()
     head = text.split("]]", 1)[0]
-    for word in ("KEYS[i]", "ARGV[1]", "ARGV[2]", "Returns", "Redis TIME", "hash tag"):
+    for word in ("KEYS[i]", "ARGV[1]", "ARGV[2]", "ARGV[3]", "ARGV[4]", "Returns",
+                 "Redis TIME", "hash tag", "concurrent"):
         assert word in head
+
+
+def test_concurrent_slots_are_leased_and_released(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:inflight:a"
+        out = [parse(await script(r, [key], [*head("check", lease=f"l{i}"), *slots(2)]))
+               for i in range(3)]
+        out.append(parse(await script(r, [key], [*head("force", lease="l0"), *slots(2, -1)])))
+        out.append(parse(await script(r, [key], [*head("check", lease="l3"), *slots(2)])))
+        out.append(sorted(m.decode() for m in await r.zrange(key, 0, -1)))
+        return out
+
+    first, second, third, released, fourth, members = run(redis_server, steps)
+    assert [first[0], second[0], third[0]] == [True, True, False]
+    assert [first[2][0][0], second[2][0][0], third[2][0][0]] == [1, 0, 0]  # free slots
+    assert third[2][0][2] == SECOND_US  # full: the retry hint
+    assert released[2][0][0] == 1
+    assert fourth[0] and members == ["l1", "l3"]
+
+
+def test_lease_of_a_dead_replica_lapses_after_its_ttl(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:inflight:b"
+        # Two holders that never release: one lease still valid for a minute, one
+        # whose TTL (0 ms) has passed by the next call, whatever the clock did.
+        await script(r, [key], [*head("check", lease="alive"), *slots(2)])
+        await script(r, [key], [*head("check", lease="dead", lease_ttl_ms=0), *slots(2)])
+        pttl = int(await r.pttl(key))
+        admitted = parse(await script(r, [key], [*head("check", lease="next"), *slots(2)]))
+        refused = parse(await script(r, [key], [*head("check", lease="more"), *slots(2)]))
+        return [admitted, refused, sorted(m.decode() for m in await r.zrange(key, 0, -1)),
+                pttl]
+
+    admitted, refused, members, pttl = run(redis_server, steps)
+    assert admitted[0] and not refused[0]
+    assert members == ["alive", "next"]
+    assert 59_000 < pttl <= 61_000  # the key outlives its longest lease (+ grace)
+
+
+def test_slots_and_rates_are_all_or_nothing(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> tuple[Any, int]:
+        rate, inflight = f"{TAG}:r:c", f"{TAG}:inflight:c"
+        await script(r, [rate], [*head("check"), *bucket(60, 1, 1)])  # rate bucket now empty
+        denied = parse(await script(r, [inflight, rate],
+                                    [*head("check", lease="x"), *slots(5), *bucket(60, 1, 1)]))
+        return denied, int(await r.exists(inflight))
+
+    denied, exists = run(redis_server, steps)
+    assert not denied[0]
+    assert denied[2][0] == (5, 0, 0)  # the slot bucket would admit, but took nothing
+    assert exists == 0

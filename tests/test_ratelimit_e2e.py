@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -215,6 +216,110 @@ def test_fail_closed_rule_denies_while_redis_is_down(sidecars: SidecarFactory,
         c.chat.completions.create(model="m", messages=MESSAGES)
     assert "limiter unavailable" in info.value.message
     assert int(info.value.response.headers["retry-after"]) >= 1
+
+
+def _in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_concurrent_quota_limits_requests_in_flight(
+        sidecars: SidecarFactory, mock: Mock, tmp_path: Any, backend: str) -> None:
+    server = None
+    if backend == "redis":
+        server = RedisServer(tmp_path)
+        server.start()
+    try:
+        url = sidecars.start(ratelimit=_rules(
+            RuleConfig(name="inflight", per=("agent",), concurrent=2),
+            redis_url=server.url if server else None, timeout_ms=200))
+        key = "POST /v1/chat/completions"
+        slow = {"x-agent-id": "a", "x-mock-latency-ms": "600"}
+        with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+            before = mock.server.stats.requests[key]
+            holders = [_in_background(lambda: _chat(c, extra_headers=slow)) for _ in range(2)]
+            assert mock.server.stats.wait_for_requests(key, before + 2, 10)  # both in flight
+            with pytest.raises(openai.RateLimitError) as info:
+                _chat(c, extra_headers={"x-agent-id": "a"})
+            # Another agent has its own slots.
+            assert _chat(c, extra_headers={"x-agent-id": "b"}).parse().choices
+            for thread, out in holders:
+                thread.join(10)
+                assert "error" not in out, out
+            _settled(sidecars, url)  # the slots are released after the answers
+            again = _chat(c, extra_headers={"x-agent-id": "a"})
+        err = info.value
+        assert "Concurrency limit" in err.message and "'inflight'" in err.message
+        assert err.response.headers["retry-after"] == "1"
+        assert again.parse().choices
+        decisions = _status(url)["components"]["ratelimit"]["details"]["decisions"]
+        assert set(decisions) == {backend}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def test_client_that_leaves_gives_its_slot_back(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(name="solo", concurrent=1)))
+    cancelled = mock.server.stats.cancelled
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=0.3) as c, \
+            pytest.raises(openai.APITimeoutError):
+        _chat(c, extra_headers={"x-mock-latency-ms": "5000"})
+    assert mock.server.stats.wait_for_cancelled(cancelled + 1, 10)
+    _settled(sidecars, url)
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        assert _chat(c).parse().choices  # the abandoned request no longer holds the slot
+
+
+def test_queue_mode_holds_requests_instead_of_429(sidecars: SidecarFactory) -> None:
+    # 2 per second with no burst: one request every 500 ms; hold up to 3 s.
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="paced", requests=QuotaConfig(amount=2, period="1s", capacity=1),
+        max_wait="3s")))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        replies = [_chat(c) for _ in range(3)]
+    assert "x-sidecar-ratelimit-wait-ms" not in replies[0].headers
+    waits = [int(r.headers["x-sidecar-ratelimit-wait-ms"]) for r in replies[1:]]
+    # Each later request waited for its refill (up to 500 ms), never got a 429.
+    assert all(250 <= w <= 2000 for w in waits), waits
+
+
+def test_queue_mode_gives_up_at_once_when_the_wait_would_be_too_long(
+        sidecars: SidecarFactory) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="hourly", requests=QuotaConfig(amount=1, period="1h"), max_wait="1s")))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        _chat(c)
+        with pytest.raises(openai.RateLimitError) as info:
+            _chat(c)
+    assert "x-sidecar-ratelimit-wait-ms" not in info.value.response.headers
+    assert int(info.value.response.headers["retry-after"]) > 3000  # an hour's refill
+
+
+def test_queue_mode_waits_for_a_free_slot(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start(ratelimit=_rules(RuleConfig(name="one-at-a-time", concurrent=1,
+                                                     max_wait="10s")))
+    key = "POST /v1/chat/completions"
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        before = mock.server.stats.requests[key]
+        thread, out = _in_background(
+            lambda: _chat(c, extra_headers={"x-mock-latency-ms": "300"}))
+        assert mock.server.stats.wait_for_requests(key, before + 1, 10)
+        second = _chat(c)  # held while the first is in flight, then admitted
+        thread.join(10)
+    assert "error" not in out, out
+    assert int(second.headers["x-sidecar-ratelimit-wait-ms"]) > 0
+    assert second.parse().choices
 
 
 def test_openai_duration_format() -> None:

@@ -11,11 +11,14 @@ once a trial call succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.config import RateLimitConfig
@@ -26,6 +29,10 @@ from proxy.ratelimit.scripts import LuaScript
 log = logging.getLogger("proxy.ratelimit")
 
 _GRACE_MS = 1000  # a key outlives its full-again time by this much
+# A full in-flight quota frees up when some request ends, which nobody can
+# predict: clients are told to retry after this long.
+CONCURRENT_RETRY_S = 1.0
+_CONCURRENT_RETRY_US = int(CONCURRENT_RETRY_S * 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,45 +65,72 @@ class Decision:
 
 
 class LocalBuckets:
-    """The same GCRA maths as lua/ratelimit.lua, in process (one replica's view)."""
+    """The same maths as lua/ratelimit.lua, in process (one replica's view)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease_ttl_s: float) -> None:
         self._tat: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}  # key -> lease id -> expiry (us)
+        self._lease_ttl_us = lease_ttl_s * 1_000_000
         self._sweep_at = 0.0
 
-    def apply(self, charges: list[Charge], *, force: bool = False,
-              share: float = 1.0) -> tuple[bool, list[BucketState]]:
+    def apply(self, charges: list[Charge], *, force: bool = False, share: float = 1.0,
+              lease: str = "") -> tuple[bool, list[BucketState]]:
         """Check and charge all buckets atomically (``force``: charge regardless)."""
         now = time.monotonic() * 1_000_000
         plans = []
         admitted = True
         for c in charges:
             quota = c.quota if share == 1.0 else c.quota.scaled(share)
-            t, cap = quota.us_per_unit, quota.capacity
+            cap = quota.capacity
+            retry = 0.0
+            if quota.kind == "concurrent":
+                held = self._held(c.key, now)
+                if not force and c.cost > 0 and len(held) >= cap:
+                    retry, admitted = CONCURRENT_RETRY_S, False
+                plans.append((c, 0.0, 0.0, 0.0, cap, retry))
+                continue
+            t = quota.us_per_unit
             tat = max(self._tat.get(c.key, now), now)
             new = max(tat + c.cost * t, now)
-            retry = 0.0
             if not force and c.cost > 0:
                 if c.cost > cap:
                     retry, admitted = -1.0, False
                 elif new > now + cap * t:
                     retry, admitted = (new - now - cap * t) / 1e6, False
-            plans.append((c.key, tat, new, t, cap, retry))
+            plans.append((c, tat, new, t, cap, retry))
         states = []
-        for key, before, after, t, cap, retry in plans:
+        for c, before, after, t, cap, retry in plans:
+            if c.quota.kind == "concurrent":
+                held = self._held(c.key, now)
+                if admitted and c.cost > 0:
+                    held[lease] = now + self._lease_ttl_us
+                elif admitted and c.cost < 0:
+                    held.pop(lease, None)
+                states.append(BucketState(max(0, cap - len(held)), 0.0, retry))
+                continue
             level = before
             if admitted:
                 level = after
-                self._tat[key] = after
+                self._tat[c.key] = after
             states.append(BucketState(max(0, int((now + cap * t - level) // t)),
                                       (level - now) / 1e6, retry))
         if now > self._sweep_at:
             self._sweep(now)
         return admitted, states
 
+    def _held(self, key: str, now: float) -> dict[str, float]:
+        held = self._leases.get(key)
+        if held is None:
+            held = self._leases[key] = {}
+        elif held:
+            for lease in [k for k, expiry in held.items() if expiry <= now]:
+                del held[lease]  # a lease whose release was lost (settle queue full)
+        return held
+
     def _sweep(self, now: float) -> None:
         # Full buckets need no state: forget them, as Redis lets such keys expire.
         self._tat = {k: v for k, v in self._tat.items() if v > now}
+        self._leases = {k: v for k, v in self._leases.items() if v}
         self._sweep_at = now + 10_000_000
 
 
@@ -141,16 +175,23 @@ class Limiter:
 
     def __init__(self, cfg: RateLimitConfig) -> None:
         self.cfg = cfg
-        self.redis: Redis | None = (
-            Redis.from_url(cfg.redis_url, socket_connect_timeout=cfg.timeout_ms / 1000 * 20,
-                           health_check_interval=0)
-            if cfg.redis_url else None)
+        self.redis = _client(cfg)
         self.script = LuaScript("ratelimit")
-        self.local = LocalBuckets()
+        self.local = LocalBuckets(cfg.lease_ttl_s)
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s)
         self.timeout_s = cfg.timeout_ms / 1000
+        self.lease_ttl_ms = int(cfg.lease_ttl_s * 1000)
         self.decisions: dict[str, int] = {}
         self.last_latency_ms: float | None = None
+        self.queued = 0  # requests held right now for rules with max_wait
+        # Lease ids must be unique across the fleet: a random replica prefix + a counter.
+        self._lease_prefix = os.urandom(6).hex()
+        self._leases = itertools.count()
+        self._released = asyncio.Event()
+
+    def new_lease(self) -> str:
+        """A fleet-unique id for the in-flight slots one request holds."""
+        return f"{self._lease_prefix}:{next(self._leases)}"
 
     async def start(self) -> None:
         """Load the script (a Redis that is down now is not fatal: the breaker handles it)."""
@@ -165,29 +206,53 @@ class Limiter:
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def decide(self, charges: list[Charge]) -> Decision:
-        """Admit (charging every bucket) or deny (charging none)."""
-        decision = await self._redis_call(charges, force=False)
+    async def decide(self, charges: list[Charge], lease: str = "") -> Decision:
+        """Admit (charging every bucket, taking in-flight slots) or deny (charging none)."""
+        decision = await self._redis_call(charges, "check", lease)
         if decision is None:
-            decision = self._fallback(charges)
+            decision = self._fallback(charges, lease)
         self.decisions[decision.backend] = self.decisions.get(decision.backend, 0) + 1
         return decision
 
-    async def reconcile(self, charges: list[Charge]) -> None:
-        """Apply corrections (positive or negative costs) unconditionally."""
-        if await self._redis_call(charges, force=True) is None:
-            self.local.apply(charges, force=True, share=self._share())
+    async def settle(self, corrections: list[Charge], releases: list[Charge], lease: str,
+                     backend: str) -> None:
+        """After a request: apply token corrections (any sign) and free its slots.
+
+        Slots go back to the store that granted them. Corrections go to Redis
+        when it answers, else to the local buckets, which are what limits
+        while Redis is away. A Redis slot that cannot be released now lapses
+        after the lease TTL.
+        """
+        remote = corrections + (releases if backend == "redis" else [])
+        if remote and await self._redis_call(remote, "force", lease) is None and corrections:
+            self.local.apply(corrections, force=True, share=self._share())
+        if releases and backend == "local":
+            self.local.apply(releases, force=True, share=self._share(), lease=lease)
+        if releases:
+            # Wake requests queued here for a slot; other replicas' waiters poll.
+            self._released.set()
+            self._released = asyncio.Event()
+
+    async def wait_for_release(self, timeout_s: float) -> None:
+        """Return when this replica releases an in-flight slot, or after ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), timeout_s)
 
     def _share(self) -> float:
         return 1.0 if self.redis is None else self.cfg.local_share
 
-    async def _redis_call(self, charges: list[Charge], *, force: bool) -> Decision | None:
+    async def _redis_call(self, charges: list[Charge], mode: str,
+                          lease: str) -> Decision | None:
         redis = self.redis
         if redis is None or not self.breaker.allow():
             return None
-        args: list[object] = ["force" if force else "check", _GRACE_MS]
+        args: list[object] = [mode, _GRACE_MS, lease, self.lease_ttl_ms]
         for c in charges:
-            args += [c.quota.us_per_unit, c.quota.capacity, c.cost]
+            quota = c.quota
+            if quota.kind == "concurrent":
+                args += ["concurrent", _CONCURRENT_RETRY_US, quota.capacity, c.cost]
+            else:
+                args += ["rate", quota.us_per_unit, quota.capacity, c.cost]
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -204,7 +269,7 @@ class Limiter:
                   for i in range(2, len(reply), 3)]
         return Decision(admitted, states, "redis", _denier(charges, states))
 
-    def _fallback(self, charges: list[Charge]) -> Decision:
+    def _fallback(self, charges: list[Charge], lease: str) -> Decision:
         local = [c for c in charges if self.redis is None or c.rule.on_redis_down == "local"]
         closed = [c for c in charges
                   if self.redis is not None and c.rule.on_redis_down == "closed"]
@@ -212,7 +277,7 @@ class Limiter:
             wait = max(self.breaker.open_until - time.monotonic(), 1.0)
             states = [BucketState(0, wait, wait) for _ in charges]
             return Decision(False, states, "closed", closed[0])
-        admitted, local_states = self.local.apply(local, share=self._share())
+        admitted, local_states = self.local.apply(local, share=self._share(), lease=lease)
         by_key = dict(zip((c.key for c in local), local_states, strict=True))
         # Rules that fail open impose nothing while Redis is away.
         states = [by_key.get(c.key, BucketState(c.quota.capacity, 0.0, 0.0)) for c in charges]
@@ -225,6 +290,7 @@ class Limiter:
                                       "breaker": self.breaker.state,
                                       "breaker_opened": self.breaker.opened,
                                       "decisions": dict(self.decisions),
+                                      "queued": self.queued,
                                       "last_redis_ms": self.last_latency_ms}
         if self.redis is None:
             return Health(State.OK, "local buckets (no Redis configured)", details)
@@ -232,6 +298,16 @@ class Limiter:
             return Health(State.DEGRADED, "Redis unavailable: limits run on the local "
                           "fallback policy", details)
         return Health(State.OK, "", details)
+
+
+def _client(cfg: RateLimitConfig) -> Redis | RedisCluster | None:
+    if not cfg.redis_url:
+        return None
+    connect_s = cfg.timeout_ms / 1000 * 20
+    if cfg.redis_cluster:
+        return RedisCluster.from_url(cfg.redis_url, socket_connect_timeout=connect_s)
+    return Redis.from_url(cfg.redis_url, socket_connect_timeout=connect_s,
+                          health_check_interval=0)
 
 
 def _denier(charges: list[Charge], states: list[BucketState]) -> Charge | None:

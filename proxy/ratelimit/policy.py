@@ -2,8 +2,9 @@
 
 A rule covers the requests whose dimensions match its globs; ``per`` names
 the dimensions that get a bucket each (Envoy's descriptors, in short). Each
-of its quotas (requests, tokens) is a GCRA bucket; every applicable bucket
-must admit a request, atomically.
+of its quotas is a bucket: requests and tokens are GCRA buckets, concurrent
+is a set of in-flight leases. Every applicable bucket must admit a request,
+atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ KEY_TAG = "{llm-sidecar:rl}"  # one hash tag: every key of a call in one cluster
 class Quota:
     """A bucket shape: ``amount`` units per ``period_s``, holding up to ``capacity``."""
 
-    kind: str  # "requests" | "tokens"
+    kind: str  # "requests" | "tokens" | "concurrent"
     amount: int
     period_s: float
     capacity: int
@@ -47,6 +48,7 @@ class Rule:
     match: tuple[tuple[str, re.Pattern[str]], ...]
     quotas: tuple[Quota, ...]
     on_redis_down: str
+    max_wait_s: float = 0.0  # > 0: hold a denied request up to this long (queue mode)
 
     def applies(self, dims: dict[str, str]) -> bool:
         """Whether the request's dimensions match every glob of the rule."""
@@ -55,7 +57,7 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    """One bucket a request must take ``cost`` units from."""
+    """One bucket a request must take ``cost`` units from (a lease, for concurrent)."""
 
     rule: Rule
     quota: Quota
@@ -73,8 +75,12 @@ def compile_rule(cfg: RuleConfig) -> Rule:
     """A rule ready for matching."""
     quotas = tuple(_quota(kind, q) for kind, q in (("requests", cfg.requests),
                                                    ("tokens", cfg.tokens)) if q is not None)
+    if cfg.concurrent is not None:
+        # period_s is unused for in-flight slots: nothing refills, leases are released.
+        quotas += (Quota("concurrent", cfg.concurrent, 0.0, cfg.concurrent),)
     match = tuple((dim, re.compile(fnmatch.translate(glob))) for dim, glob in cfg.match.items())
-    return Rule(cfg.name, cfg.per, match, quotas, cfg.on_redis_down)
+    wait = parse_period(cfg.max_wait) if cfg.max_wait else None
+    return Rule(cfg.name, cfg.per, match, quotas, cfg.on_redis_down, wait or 0.0)
 
 
 class Policy:
@@ -85,14 +91,15 @@ class Policy:
         self.default_max_tokens = cfg.default_max_tokens
 
     def charges(self, dims: dict[str, str], tokens: int) -> list[Charge]:
-        """The buckets this request takes from: 1 per requests quota, ``tokens`` per tokens."""
+        """The buckets this request takes from: 1 per requests quota or in-flight slot,
+        ``tokens`` per tokens quota."""
         out: list[Charge] = []
         for rule in self.rules:
             if rule.match and not rule.applies(dims):
                 continue
             scope = _scope_id(tuple(dims.get(d, "") for d in rule.per)) if rule.per else "all"
             for quota in rule.quotas:
-                cost = 1 if quota.kind == "requests" else tokens
+                cost = tokens if quota.kind == "tokens" else 1
                 out.append(Charge(rule, quota, f"{KEY_TAG}:{rule.name}:{quota.kind}:{scope}",
                                   cost))
         return out

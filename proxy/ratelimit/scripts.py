@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 # lua/ sits at the top of the source tree, beside proxy/.
@@ -20,12 +20,12 @@ class LuaScript:
         self.source = (lua_dir / f"{name}.lua").read_text(encoding="utf-8")
         self.sha: str | None = None
 
-    async def load(self, client: Redis) -> str:
+    async def load(self, client: Redis | RedisCluster) -> str:
         """SCRIPT LOAD (at start, and again after a server restart)."""
         self.sha = str(await client.script_load(self.source))
         return self.sha
 
-    async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: Redis | RedisCluster, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script first if this server does not know it."""
         if self.sha is None:
             await self.load(client)

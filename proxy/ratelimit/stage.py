@@ -8,7 +8,10 @@ off the response path. A failed upstream call is refunded: it is not billed.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
+import time
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -39,8 +42,17 @@ def estimate_tokens(canonical: CanonicalRequest, default_max_tokens: int) -> int
 
 @dataclass(slots=True)
 class _Charged:
+    """What an admitted request holds until it settles."""
+
     tokens: list[Charge]
     estimate: int
+    slots: list[Charge]  # in-flight (concurrent) quotas
+    lease: str
+    backend: str
+
+
+_FIRST_POLL_S = 0.01
+_MAX_POLL_S = 0.25
 
 
 class LimitStage(Stage):
@@ -48,9 +60,10 @@ class LimitStage(Stage):
 
     name = "limit"
 
-    def __init__(self, policy: Policy, limiter: Limiter) -> None:
+    def __init__(self, policy: Policy, limiter: Limiter, max_queued: int = 1000) -> None:
         self.policy = policy
         self.limiter = limiter
+        self.max_queued = max_queued
 
     async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
         ident = ctx.identity
@@ -62,32 +75,103 @@ class LimitStage(Stage):
         charges = self.policy.charges(dims, estimate)
         if not charges:
             return None
-        decision = await self.limiter.decide(charges)
-        ctx.annotate("ratelimit.backend", decision.backend)
-        headers = _openai_headers(charges, decision.states)
+        slots = [c for c in charges if c.quota.kind == "concurrent"]
+        lease = self.limiter.new_lease() if slots else ""
+        started_ns = time.time_ns()
+        started = time.perf_counter()
+        decision = await self.limiter.decide(charges, lease)
+        outcome = "admitted"
         if not decision.admitted:
-            ctx.annotate("ratelimit.outcome", "denied")
+            budget = _queue_budget(charges, decision)
+            if budget > 0 and self.limiter.queued < self.max_queued:
+                decision = await self._queue(charges, lease, decision, started + budget)
+                outcome = "queued"
+        waited_ms = (time.perf_counter() - started) * 1000
+        if not decision.admitted:
+            outcome = ("unavailable" if decision.backend == "closed"
+                       else "too_large" if decision.never else "denied")
+        ctx.record_phase("ratelimit", started_ns, time.time_ns(),
+                         backend=decision.backend, outcome=outcome)
+        ctx.annotate("ratelimit.backend", decision.backend)
+        ctx.annotate("ratelimit.outcome", outcome)
+        headers = _openai_headers(charges, decision.states)
+        if outcome == "queued":
+            ctx.annotate("ratelimit.wait_ms", round(waited_ms, 3))
+            headers["x-sidecar-ratelimit-wait-ms"] = f"{waited_ms:.0f}"
+        if not decision.admitted:
+            if decision.denied_by is not None:
+                ctx.annotate("ratelimit.rule", decision.denied_by.rule.name)
             return _denied(decision, headers)
-        ctx.annotate("ratelimit.outcome", "admitted")
         ctx.response_headers.update(headers)
         tokens = [c for c in charges if c.quota.kind == "tokens"]
-        if tokens:
-            ctx.limit = _Charged(tokens, estimate)
+        if tokens or slots:
+            ctx.limit = _Charged(tokens, estimate, slots, lease, decision.backend)
         return None
+
+    async def _queue(self, charges: list[Charge], lease: str, decision: Decision,
+                     deadline: float) -> Decision:
+        """Hold a denied request until its buckets admit it or the deadline passes.
+
+        Not FIFO: a request that arrives later may get a freed unit first. A
+        rate bucket says when it will admit the request, so the wait is that
+        long; a full in-flight quota frees up when some request ends, so the
+        request wakes on a release here and polls with backoff for releases
+        on other replicas.
+        """
+        self.limiter.queued += 1
+        poll = _FIRST_POLL_S
+        try:
+            while True:
+                left = deadline - time.perf_counter()
+                slot_wait = any(s.retry_s > 0 and c.quota.kind == "concurrent"
+                                for c, s in zip(charges, decision.states, strict=True))
+                if slot_wait:
+                    await self.limiter.wait_for_release(min(poll, max(left, 0.0)))
+                    poll = min(poll * 2, _MAX_POLL_S)
+                else:
+                    retry = decision.retry_s
+                    if retry > left:
+                        return decision  # waiting longer than allowed would not help
+                    # A little jitter spreads requests that wait for the same refill.
+                    await asyncio.sleep(retry + random.uniform(0, 0.002))
+                decision = await self.limiter.decide(charges, lease)
+                if (decision.admitted or decision.never or decision.backend == "closed"
+                        or time.perf_counter() >= deadline):
+                    return decision
+        finally:
+            self.limiter.queued -= 1
 
     async def on_settle(self, ctx: RequestContext) -> None:
         charged = ctx.limit
         if not isinstance(charged, _Charged):
             return
-        usage = ctx.usage()
-        if usage is not None:
-            delta = usage.total_tokens - charged.estimate
-        elif ctx.error_kind is not None or (ctx.status or 0) >= 400:
-            delta = -charged.estimate  # nothing was billed
-        else:
-            return  # no usage reported: the estimate stands
-        if delta:
-            await self.limiter.reconcile([replace(c, cost=delta) for c in charged.tokens])
+        corrections: list[Charge] = []
+        if charged.tokens:
+            usage = ctx.usage()
+            if usage is not None:
+                delta = usage.total_tokens - charged.estimate
+            elif ctx.status is None or ctx.status >= 400:
+                delta = -charged.estimate  # no answer, or an error: nothing was billed
+            else:
+                delta = 0  # no usage reported (a stream cut short): the estimate stands
+            if delta:
+                corrections = [replace(c, cost=delta) for c in charged.tokens]
+        releases = [replace(c, cost=-1) for c in charged.slots]
+        if corrections or releases:
+            await self.limiter.settle(corrections, releases, charged.lease, charged.backend)
+
+
+def _queue_budget(charges: list[Charge], decision: Decision) -> float:
+    """How long a denied request may be held: the shortest max_wait of the rules denying it.
+
+    Zero (answer 429 now) when any denying rule does not queue, when waiting
+    cannot help, or when the limiter is unavailable.
+    """
+    if decision.never or decision.backend == "closed":
+        return 0.0
+    waits = [c.rule.max_wait_s for c, s in zip(charges, decision.states, strict=True)
+             if s.retry_s != 0]
+    return min(waits, default=0.0)
 
 
 def _openai_headers(charges: list[Charge], states: list[BucketState]) -> dict[str, str]:
@@ -115,6 +199,9 @@ def _denied(decision: Decision, headers: dict[str, str]) -> web.Response:
         message = (f"Request too large for rule '{rule}': it needs more {kind} than the "
                    f"bucket can ever hold ({charge.quota.capacity if charge else '?'}). "
                    f"Waiting will not help; reduce the request.")
+    elif kind == "concurrent" and charge is not None:
+        message = (f"Concurrency limit reached for rule '{rule}' ({charge.quota.amount} "
+                   f"requests in flight at once). Please retry later.")
     else:
         quota = charge.quota if charge else None
         shown = (f"{quota.amount} {kind} per {format_duration(quota.period_s)}"
@@ -127,5 +214,5 @@ def _denied(decision: Decision, headers: dict[str, str]) -> web.Response:
         headers["retry-after"] = str(max(1, math.ceil(retry_s)))
         headers["retry-after-ms"] = str(max(1, math.ceil(retry_s * 1000)))
     headers["x-sidecar-ratelimit-rule"] = rule
-    return errors.error_response(429, message, "requests" if kind == "requests" else "tokens",
+    return errors.error_response(429, message, "tokens" if kind == "tokens" else "requests",
                                  "rate_limit_exceeded", headers=headers)
