@@ -12,6 +12,7 @@ counter and histogram grows inside the ``rate()`` window.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -31,11 +32,13 @@ import openai
 import pytest
 
 from proxy.app import METRICS
-from proxy.config import TelemetryConfig
+from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
 from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.redis_server import RedisServer
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "dashboards"
-EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview"}
+EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview",
+                 "llm-sidecar-ratelimits.json": "llm-sidecar-ratelimits"}
 DEADLINE_S = 30.0
 MESSAGES = [{"role": "user", "content": "hello dashboards"}]
 
@@ -182,7 +185,7 @@ def _wait_for(what: str, check: Callable[[], bool], api: PrometheusAPI | None,
         time.sleep(0.1)
 
 
-def _workload(base_url: str) -> int:
+def _workload(base_url: str, round_no: int) -> int:
     """The known traffic; returns how many requests the sidecar answered."""
     with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0,
                        timeout=20) as c:
@@ -199,7 +202,28 @@ def _workload(base_url: str) -> int:
             c.chat.completions.create(model="dash-model-b", messages=MESSAGES,
                                       extra_headers={"x-mock-disconnect": "before-headers"})
         assert info.value.status_code == 502
-    return 6
+        # Rate limits: one denial, and one request held in queue mode then admitted.
+        agent = {"x-agent-id": f"round-{round_no}"}  # a fresh hourly bucket each round
+        c.chat.completions.create(model="dash-limited", messages=MESSAGES,
+                                  extra_headers=agent)
+        with pytest.raises(openai.RateLimitError):
+            c.chat.completions.create(model="dash-limited", messages=MESSAGES,
+                                      extra_headers=agent)
+        held = [c.chat.completions.with_raw_response.create(model="dash-queued",
+                                                            messages=MESSAGES)
+                for _ in range(2)]
+        assert "x-sidecar-ratelimit-wait-ms" in held[1].headers
+    return 10
+
+
+# The rules that give the rate-limit dashboard something to show.
+RATE_LIMITS = RateLimitConfig(rules=(
+    RuleConfig(name="dash-agents", per=("agent",), requests=QuotaConfig(amount=10_000)),
+    RuleConfig(name="dash-hourly", per=("agent",), match={"model": "dash-limited"},
+               requests=QuotaConfig(amount=1, period="1h")),
+    RuleConfig(name="dash-paced", match={"model": "dash-queued"},
+               requests=QuotaConfig(amount=4, period="1s", capacity=1), max_wait="5s"),
+))
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +233,16 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
     factory = SidecarFactory(loop_thread, mock)
     tmp = tempfile.TemporaryDirectory(prefix="llm-sidecar-prom-")
     proc: subprocess.Popen[bytes] | None = None
+    redis = RedisServer(Path(tmp.name))
+    redis.start()
     try:
         url = factory.start(env={}, telemetry=TelemetryConfig(prometheus_port=0,
-                                                              prometheus_host="127.0.0.1"))
+                                                              prometheus_host="127.0.0.1"),
+                            ratelimit=dataclasses.replace(RATE_LIMITS, redis_url=redis.url))
         scrape_url = factory.apps[url][METRICS].url
         assert scrape_url is not None
         target = scrape_url.removeprefix("http://").removesuffix("/metrics")
-        expected = _workload(url)
+        expected = _workload(url, 1)
 
         root = Path(tmp.name)
         config = root / "prometheus.yml"
@@ -249,7 +276,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
         _wait_for("two scrapes", lambda: running() and bool(
             api.values("count_over_time(up[1m]) >= 2")), api, deadline)
         # Second workload, so every series grows inside the rate() window.
-        expected += _workload(url)
+        expected += _workload(url, 2)
         _wait_for("the second workload in Prometheus", total_is(expected), api, deadline)
         yield api
     finally:
@@ -261,6 +288,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
                 proc.kill()
                 proc.wait(5)
         factory.close()
+        redis.stop()
         tmp.cleanup()
 
 
@@ -301,4 +329,5 @@ def test_template_variables_resolve(prometheus: PrometheusAPI, path: Path) -> No
         assert body.get("status") == "success", f"{var['name']}: {body}"
         found[var["name"]] = body["data"]
     # No `namespace` label outside Kubernetes; the models are the workload's.
-    assert {"dash-model-a", "dash-model-b", "dash-embed"} <= set(found.get("model", []))
+    assert {"dash-model-a", "dash-model-b", "dash-embed", "dash-limited"} <= set(
+        found.get("model", []))

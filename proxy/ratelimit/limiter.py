@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
@@ -25,6 +26,9 @@ from proxy.config import RateLimitConfig
 from proxy.health import Health, State
 from proxy.ratelimit.policy import Charge
 from proxy.ratelimit.scripts import LuaScript
+
+if TYPE_CHECKING:
+    from proxy.telemetry.instruments import Instruments
 
 log = logging.getLogger("proxy.ratelimit")
 
@@ -151,6 +155,11 @@ class Breaker:
             return "closed"
         return "open" if time.monotonic() < self.open_until else "half-open"
 
+    @property
+    def state_code(self) -> int:
+        """The state as a number for a gauge: 0 closed, 1 half-open, 2 open."""
+        return {"closed": 0, "half-open": 1, "open": 2}[self.state]
+
     def allow(self) -> bool:
         """Whether to try Redis now (closed, or half-open: one trial after the wait)."""
         return self.state != "open"
@@ -188,6 +197,19 @@ class Limiter:
         self._lease_prefix = os.urandom(6).hex()
         self._leases = itertools.count()
         self._released = asyncio.Event()
+
+    def observe(self, instruments: Instruments) -> None:
+        """Publish the breaker state and the queue length as gauges."""
+        if self.redis is not None:
+            instruments.observe(
+                "llm_sidecar.ratelimit.breaker.state", "{state}",
+                "Circuit breaker in front of the limiter's Redis: 0 closed, 1 half-open, "
+                "2 open (limits on the fallback policy).", (),
+                lambda: {(): self.breaker.state_code})
+        instruments.observe(
+            "llm_sidecar.ratelimit.queued", "{request}",
+            "Requests held right now by rules in queue mode (max_wait).", (),
+            lambda: {(): self.queued})
 
     def new_lease(self) -> str:
         """A fleet-unique id for the in-flight slots one request holds."""

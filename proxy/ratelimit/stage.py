@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
-from proxy.context import RequestContext, Stage
+from proxy.context import AttributeValue, RequestContext, Stage
 from proxy.ratelimit.limiter import BucketState, Decision, Limiter
 from proxy.ratelimit.policy import Charge, Policy, format_duration
 from proxy.wire import errors
@@ -90,8 +90,14 @@ class LimitStage(Stage):
         if not decision.admitted:
             outcome = ("unavailable" if decision.backend == "closed"
                        else "too_large" if decision.never else "denied")
-        ctx.record_phase("ratelimit", started_ns, time.time_ns(),
-                         backend=decision.backend, outcome=outcome)
+        rule = (decision.denied_by.rule.name
+                if not decision.admitted and decision.denied_by is not None else "")
+        # The phase becomes the limiter's child span and its metrics (telemetry).
+        phase: dict[str, AttributeValue] = {"ratelimit.backend": decision.backend,
+                                            "ratelimit.outcome": outcome}
+        if rule:
+            phase["ratelimit.rule"] = rule
+        ctx.record_phase("ratelimit", started_ns, time.time_ns(), **phase)
         ctx.annotate("ratelimit.backend", decision.backend)
         ctx.annotate("ratelimit.outcome", outcome)
         headers = _openai_headers(charges, decision.states)
@@ -99,8 +105,7 @@ class LimitStage(Stage):
             ctx.annotate("ratelimit.wait_ms", round(waited_ms, 3))
             headers["x-sidecar-ratelimit-wait-ms"] = f"{waited_ms:.0f}"
         if not decision.admitted:
-            if decision.denied_by is not None:
-                ctx.annotate("ratelimit.rule", decision.denied_by.rule.name)
+            ctx.annotate("ratelimit.rule", rule)
             return _denied(decision, headers)
         ctx.response_headers.update(headers)
         tokens = [c for c in charges if c.quota.kind == "tokens"]

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -121,6 +122,30 @@ class _Counter:
                       Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True))
 
 
+Observation = Callable[[], Mapping[tuple[LabelValue, ...], float]]
+
+
+class _ObservedGauge:
+    """A gauge read from its owner (breaker state, queue length) when collected."""
+
+    def __init__(self, name: str, unit: str, description: str, labels: Sequence[str],
+                 observe: Observation) -> None:
+        self.name, self.unit, self.description = name, unit, description
+        self.labels = tuple(labels)
+        self.observe = observe
+
+    @property
+    def series(self) -> Mapping[tuple[LabelValue, ...], float]:
+        return self.observe()
+
+    def metric(self, start_ns: int, now_ns: int) -> Metric:
+        points = [NumberDataPoint(attributes=_attributes(self.labels, key),
+                                  start_time_unix_nano=start_ns, time_unix_nano=now_ns,
+                                  value=value)
+                  for key, value in self.observe().items()]
+        return Metric(self.name, self.description, self.unit, Gauge(points))
+
+
 _MODEL_LABELS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model")
 
 
@@ -174,10 +199,33 @@ class Instruments:
             "llm_sidecar.overhead", "s",
             "Time spent in the sidecar per request, upstream excluded.",
             ("gen_ai.operation.name",), _OVERHEAD_BUCKETS)
-        self._all: tuple[_Histogram | _Counter, ...] = (
+        self.ratelimit_decisions = _Counter(
+            "llm_sidecar.ratelimit.decisions", "{decision}",
+            "Rate-limit decisions by outcome (admitted, queued = admitted after a hold, "
+            "denied, too_large, unavailable), denying rule and backend (redis, local, "
+            "open, closed).",
+            ("llm_sidecar.ratelimit.outcome", "llm_sidecar.ratelimit.rule",
+             "llm_sidecar.ratelimit.backend"))
+        self.ratelimit_duration = _Histogram(
+            "llm_sidecar.ratelimit.duration", "s",
+            "Time to decide a request's limits, including any hold in queue mode.",
+            ("llm_sidecar.ratelimit.outcome", "llm_sidecar.ratelimit.backend"),
+            (*_OVERHEAD_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
-            self.passthrough_requests, self.upstream_errors, self.overhead)
+            self.passthrough_requests, self.upstream_errors, self.overhead,
+            self.ratelimit_decisions, self.ratelimit_duration]
         self._models: dict[str, str] = {}
+
+    def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
+                observe: Observation) -> None:
+        """Add a gauge whose values ``observe`` returns at each collection."""
+        self._all.append(_ObservedGauge(name, unit, description, labels, observe))
+
+    def ratelimit_done(self, outcome: str, rule: str, backend: str, duration_s: float) -> None:
+        """Record one rate-limit decision (``rule``: the denying rule, "" if admitted)."""
+        self.ratelimit_decisions.add((outcome, rule, backend))
+        self.ratelimit_duration.record(duration_s, (outcome, backend))
 
     def model_label(self, model: str | None) -> str:
         """A bounded label value for a client-supplied model name."""

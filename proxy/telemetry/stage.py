@@ -145,6 +145,13 @@ class TelemetryStage(Stage):
     @staticmethod
     def _record_metrics(ctx: RequestContext, ins: Instruments, error: str | None) -> None:
         started = ctx.started_ns
+        for phase in ctx.phases:
+            if phase.name == "ratelimit":
+                attrs = phase.attributes
+                ins.ratelimit_done(str(attrs.get("ratelimit.outcome", "")),
+                                   str(attrs.get("ratelimit.rule", "")),
+                                   str(attrs.get("ratelimit.backend", "")),
+                                   (phase.end_ns - phase.start_ns) / 1e9)
         ins.request_done(RequestMeasurements(
             operation=ctx.endpoint.operation, model=ctx.canonical.model,
             status=ctx.status or 0, error=error, upstream_error=ctx.error_kind,
