@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from proxy.app import PIPELINE, TELEMETRY
-from proxy.config import TelemetryConfig
+from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
 from proxy.telemetry.providers import TelemetryConfigError, build_providers
 from tests.conftest import LoopThread, Mock, SidecarFactory, free_port
 from tests.otlp_receiver import OtlpReceiver
@@ -345,3 +345,34 @@ def test_aggregated_histogram_follows_otel_bucket_rules() -> None:
     assert list(ok.bucket_counts[:3]) == [2, 1, 0]
     assert ok.bucket_counts[-1] == 1  # 100 s: above the last bound
     assert (ok.count, ok.sum, ok.min, ok.max) == (4, 100.025, 0.0, 100.0)
+
+
+def test_rate_limit_span_attributes_and_metrics(sidecars: SidecarFactory,
+                                                receiver: tuple[OtlpReceiver, str]) -> None:
+    rec, endpoint = receiver
+    url = sidecars.start(
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+        ratelimit=RateLimitConfig(rules=(RuleConfig(
+            name="traced-rpm", per=("agent",), requests=QuotaConfig(amount=1, period="1h")),)))
+    agent = {"x-agent-id": "rl-traced"}
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        c.chat.completions.create(model="rl-model", messages=MESSAGES, extra_headers=agent)
+        with pytest.raises(openai.RateLimitError):
+            c.chat.completions.create(model="rl-model", messages=MESSAGES, extra_headers=agent)
+    _flush(sidecars, url)
+    requests = [s for s in _by_name(rec.spans, "chat rl-model")]
+    outcomes = sorted(s["attributes"]["llm_sidecar.ratelimit.outcome"] for s in requests)
+    assert outcomes == ["admitted", "denied"]
+    [denied] = [s for s in requests if s["attributes"]["llm_sidecar.ratelimit.outcome"]
+                == "denied"]
+    assert denied["attributes"]["llm_sidecar.ratelimit.rule"] == "traced-rpm"
+    assert denied["attributes"]["http.response.status_code"] == 429
+    children = [s for s in rec.spans if s["name"] == "llm_sidecar.ratelimit"
+                and s["parent_span_id"] in {r["span_id"] for r in requests}]
+    assert len(children) == 2
+    assert {c["attributes"]["llm_sidecar.ratelimit.backend"] for c in children} == {"local"}
+    decisions = {(a["llm_sidecar.ratelimit.outcome"], a.get("llm_sidecar.ratelimit.rule")):
+                 p.as_int for a, p in rec.points("llm_sidecar.ratelimit.decisions")}
+    assert decisions == {("admitted", None): 1, ("denied", "traced-rpm"): 1}
+    [(_, queued)] = rec.points("llm_sidecar.ratelimit.queued")
+    assert queued.as_int == 0
