@@ -166,6 +166,38 @@ def test_local_buckets_alone_let_each_replica_admit_the_full_limit(
     assert admitted == 10
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_estimate_too_low_is_charged_up_to_the_real_usage(sidecars: SidecarFactory,
+                                                          stream: bool) -> None:
+    # No max_tokens and a default of 1 output token: the estimate is far below what
+    # the answer (400 completion tokens) really uses; reconciliation charges the rest.
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="tpm", tokens=QuotaConfig(amount=100_000, period="1h")), default_max_tokens=1))
+    long = {"x-mock-tokens": "400"}
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        if stream:
+            chunks = list(c.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=long))
+            assert not any(ch.usage for ch in chunks)  # the client asked for no usage...
+            first_remaining = None
+        else:
+            first = _chat(c, extra_headers=long)
+            first_remaining = int(first.headers["x-ratelimit-remaining-tokens"])
+        _settled(sidecars, url)
+        probe = _chat(c, max_tokens=1)
+        probe_used = probe.parse().usage.total_tokens
+        _settled(sidecars, url)
+        after = _chat(c, max_tokens=1)
+    estimate = 100_000 - int(probe.headers["x-ratelimit-remaining-tokens"])
+    if first_remaining is not None:
+        assert 100_000 - first_remaining < 100  # charged only the small estimate up front
+    # ...yet the sidecar reconciled with the usage it requested upstream: the first
+    # answer's 400+ tokens are charged, not the estimate.
+    assert estimate > 400
+    charged_after_probe = 100_000 - int(after.headers["x-ratelimit-remaining-tokens"])
+    assert charged_after_probe - estimate < probe_used + 100
+
+
 def _status(url: str) -> dict[str, Any]:
     import urllib.request
     with urllib.request.urlopen(url.removesuffix("/v1") + "/status", timeout=5) as r:
