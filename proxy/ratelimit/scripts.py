@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
-# lua/ sits at the top of the source tree, beside proxy/.
-LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
+
+def _lua_dir() -> Path:
+    # A source checkout (or editable install) has lua/ beside proxy/; an
+    # installed wheel puts the scripts under <prefix>/share (pyproject data-files).
+    source = Path(__file__).resolve().parents[2] / "lua"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "llm-sidecar" / "lua"
+
+
+LUA_DIR = _lua_dir()
 
 
 class LuaScript:
