@@ -200,6 +200,10 @@ def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrou
         await health.check_all()
         ready, reasons = health.ready()
         if ready:
+            # Still 200 (the pod keeps serving), but say what runs in a reduced way.
+            degraded = health.degraded()
+            if degraded:
+                return _json({"status": "degraded", "degraded": degraded})
             return _json({"status": "ready"})
         return _json({"status": "not ready", "reasons": reasons}, status=503)
 

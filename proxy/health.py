@@ -79,6 +79,11 @@ class HealthRegistry:
                     if c.critical and c.last is not None and c.last.state is State.DOWN]
         return not problems, problems
 
+    def degraded(self) -> dict[str, str]:
+        """Components that work in a reduced way (still ready), with their reasons."""
+        return {name: c.last.reason for name, c in self._components.items()
+                if c.last is not None and c.last.state is State.DEGRADED}
+
     def snapshot(self) -> dict[str, Any]:
         """The /status document: overall state and one entry per component."""
         components: dict[str, Any] = {}

@@ -198,11 +198,15 @@ def test_estimate_too_low_is_charged_up_to_the_real_usage(sidecars: SidecarFacto
     assert charged_after_probe - estimate < probe_used + 100
 
 
-def _status(url: str) -> dict[str, Any]:
+def _get(url: str) -> dict[str, Any]:
     import urllib.request
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/status", timeout=5) as r:
+    with urllib.request.urlopen(url, timeout=5) as r:
         doc: dict[str, Any] = orjson.loads(r.read())
     return doc
+
+
+def _status(url: str) -> dict[str, Any]:
+    return _get(url.removesuffix("/v1") + "/status")
 
 
 def test_redis_down_falls_back_then_recovers(sidecars: SidecarFactory,
@@ -229,11 +233,14 @@ def test_redis_down_falls_back_then_recovers(sidecars: SidecarFactory,
         assert comp["state"] == "degraded" and comp["details"]["breaker"] in ("open",
                                                                               "half-open")
         assert status["components"]["process"]["state"] == "ok"  # still serving
+        ready = _get(url.removesuffix("/v1") + "/readyz")
+        assert ready["status"] == "degraded" and "ratelimit" in ready["degraded"]
         redis_server.start()  # same port: shared limits resume
         time.sleep(0.35)  # the breaker's own reset period elapsing (behaviour under test)
         back = _chat(c)
         assert back.headers["x-ratelimit-remaining-requests"] == "99"  # Redis restarted empty
         assert _status(url)["components"]["ratelimit"]["details"]["breaker"] == "closed"
+        assert _get(url.removesuffix("/v1") + "/readyz") == {"status": "ready"}
 
 
 def test_fail_closed_rule_denies_while_redis_is_down(sidecars: SidecarFactory,
