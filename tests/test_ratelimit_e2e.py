@@ -333,6 +333,26 @@ def test_queue_mode_holds_requests_instead_of_429(sidecars: SidecarFactory) -> N
     assert all(250 <= w <= 2000 for w in waits), waits
 
 
+def test_queue_mode_paces_a_crowd_without_hammering_the_limiter(
+        sidecars: SidecarFactory) -> None:
+    # 12 requests at once against 20 per second with no burst: all are admitted,
+    # one every 50 ms, and the held ones wait in line instead of all re-asking the
+    # limiter at every refill.
+    url = sidecars.start(ratelimit=_rules(RuleConfig(
+        name="paced", requests=QuotaConfig(amount=20, period="1s", capacity=1),
+        max_wait="5s")))
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        crowd = [_in_background(lambda: _chat(c)) for _ in range(12)]
+        for thread, _ in crowd:
+            thread.join(15)
+    assert all("error" not in out for _, out in crowd), [o.get("error") for _, o in crowd]
+    waits = sorted(int(out["result"].headers.get("x-sidecar-ratelimit-wait-ms", 0))
+                   for _, out in crowd)
+    assert waits[-1] >= 11 * 50 * 0.8  # the last one waited for 11 refills
+    decisions = _status(url)["components"]["ratelimit"]["details"]["decisions"]["local"]
+    assert decisions <= 3 * 12  # first try, a look on reaching the head, the admission
+
+
 def test_queue_mode_gives_up_at_once_when_the_wait_would_be_too_long(
         sidecars: SidecarFactory) -> None:
     url = sidecars.start(ratelimit=_rules(RuleConfig(

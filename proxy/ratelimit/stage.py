@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -55,6 +54,14 @@ _FIRST_POLL_S = 0.01
 _MAX_POLL_S = 0.25
 
 
+@dataclass(slots=True)
+class _Line:
+    """Requests held for one bucket on this replica, served in arrival order."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+
+
 class LimitStage(Stage):
     """Distributed rate limits (see the module docstring)."""
 
@@ -64,6 +71,7 @@ class LimitStage(Stage):
         self.policy = policy
         self.limiter = limiter
         self.max_queued = max_queued
+        self._lines: dict[str, _Line] = {}
 
     async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
         ident = ctx.identity
@@ -117,34 +125,62 @@ class LimitStage(Stage):
                      deadline: float) -> Decision:
         """Hold a denied request until its buckets admit it or the deadline passes.
 
-        Not FIFO: a request that arrives later may get a freed unit first. A
-        rate bucket says when it will admit the request, so the wait is that
-        long; a full in-flight quota frees up when some request ends, so the
-        request wakes on a release here and polls with backoff for releases
-        on other replicas.
+        Requests held for the same bucket form a line on this replica: only
+        its head asks the limiter again, so they are admitted in arrival
+        order and a crowd of waiters does not hammer Redis at every refill.
+        Across replicas there is no order. A rate bucket says when it will
+        admit the request, so the head sleeps that long; a full in-flight
+        quota frees up when some request ends, so the head wakes on a release
+        here and polls with backoff for releases on other replicas.
         """
+        key = decision.denied_by.key if decision.denied_by is not None else ""
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _Line()
+        line.waiting += 1
         self.limiter.queued += 1
-        poll = _FIRST_POLL_S
         try:
-            while True:
-                left = deadline - time.perf_counter()
-                slot_wait = any(s.retry_s > 0 and c.quota.kind == "concurrent"
-                                for c, s in zip(charges, decision.states, strict=True))
-                if slot_wait:
-                    await self.limiter.wait_for_release(min(poll, max(left, 0.0)))
-                    poll = min(poll * 2, _MAX_POLL_S)
-                else:
-                    retry = decision.retry_s
-                    if retry > left:
-                        return decision  # waiting longer than allowed would not help
-                    # A little jitter spreads requests that wait for the same refill.
-                    await asyncio.sleep(retry + random.uniform(0, 0.002))
-                decision = await self.limiter.decide(charges, lease)
-                if (decision.admitted or decision.never or decision.backend == "closed"
-                        or time.perf_counter() >= deadline):
+            if line.lock.locked():
+                try:
+                    await asyncio.wait_for(line.lock.acquire(),
+                                           max(deadline - time.perf_counter(), 0.0))
+                except TimeoutError:
                     return decision
+                try:
+                    # Those ahead took what they waited for: look again.
+                    decision = await self.limiter.decide(charges, lease)
+                    if decision.admitted:
+                        return decision
+                    return await self._wait_at_head(charges, lease, decision, deadline)
+                finally:
+                    line.lock.release()
+            async with line.lock:
+                return await self._wait_at_head(charges, lease, decision, deadline)
         finally:
             self.limiter.queued -= 1
+            line.waiting -= 1
+            if line.waiting == 0:
+                del self._lines[key]
+
+    async def _wait_at_head(self, charges: list[Charge], lease: str, decision: Decision,
+                            deadline: float) -> Decision:
+        poll = _FIRST_POLL_S
+        while not (decision.admitted or decision.never or decision.backend == "closed"):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            slot_wait = any(s.retry_s > 0 and c.quota.kind == "concurrent"
+                            for c, s in zip(charges, decision.states, strict=True))
+            if slot_wait:
+                await self.limiter.wait_for_release(min(poll, left))
+                poll = min(poll * 2, _MAX_POLL_S)
+            else:
+                retry = decision.retry_s
+                if retry > left:
+                    break  # waiting longer than allowed would not help
+                await asyncio.sleep(retry)
+            decision = await self.limiter.decide(charges, lease)
+        return decision
 
     async def on_settle(self, ctx: RequestContext) -> None:
         charged = ctx.limit
