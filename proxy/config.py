@@ -198,7 +198,7 @@ class RateLimitConfig:
         "Redis shared by all replicas (null: local buckets only, per replica)."))
     redis_cluster: bool = field(default=False, metadata=_meta(
         "redis_url names a node of a Redis Cluster (keys share one hash tag)."))
-    timeout_ms: float = field(default=5.0, metadata=_meta(
+    timeout_ms: float = field(default=20.0, metadata=_meta(
         "Budget for one limiter call to Redis before the local fallback decides.", gt=0))
     breaker_failures: int = field(default=3, metadata=_meta(
         "Consecutive Redis failures that open the circuit breaker.", gt=0))

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.app import PIPELINE
 from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig
+from proxy.ratelimit.stage import LimitStage
 from tests.conftest import LoopThread, Mock, SidecarFactory
 from tests.redis_server import RedisServer
 
@@ -241,6 +242,31 @@ def test_redis_down_falls_back_then_recovers(sidecars: SidecarFactory,
         assert back.headers["x-ratelimit-remaining-requests"] == "99"  # Redis restarted empty
         assert _status(url)["components"]["ratelimit"]["details"]["breaker"] == "closed"
         assert _get(url.removesuffix("/v1") + "/readyz") == {"status": "ready"}
+
+
+def test_use_admitted_on_the_fallback_is_charged_to_redis_when_it_returns(
+        sidecars: SidecarFactory, redis_server: RedisServer) -> None:
+    limits = _rules(RuleConfig(name="fleet", requests=QuotaConfig(amount=10, period="1h")),
+                    redis_url=redis_server.url, timeout_ms=100, breaker_failures=1,
+                    breaker_reset_s=0.3, local_share=1.0)
+    url = sidecars.start(ratelimit=limits)
+    [limiter] = [s.limiter for s in sidecars.apps[url][PIPELINE].stages
+                 if isinstance(s, LimitStage)]
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        redis_server.stop()
+        for _ in range(3):  # admitted by this replica alone; Redis knows nothing of them
+            _chat(c)
+        details = _status(url)["components"]["ratelimit"]["details"]
+        assert details["decisions"]["local"] == 3 and details["owed_buckets"] == 1
+        redis_server.start()  # restarted empty
+        time.sleep(0.35)  # the breaker's own reset period elapsing (behaviour under test)
+        first = _chat(c)
+        sidecars.lt.call(limiter.repaid())
+        second = _chat(c)
+    assert first.headers["x-ratelimit-remaining-requests"] == "9"
+    # The 3 fallback admissions now count in the shared bucket: 10 - 1 - 3 - 1.
+    assert second.headers["x-ratelimit-remaining-requests"] == "5"
+    assert _status(url)["components"]["ratelimit"]["details"]["owed_buckets"] == 0
 
 
 def test_fail_closed_rule_denies_while_redis_is_down(sidecars: SidecarFactory,

@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis, RedisCluster
@@ -37,6 +37,8 @@ _GRACE_MS = 1000  # a key outlives its full-again time by this much
 # predict: clients are told to retry after this long.
 CONCURRENT_RETRY_S = 1.0
 _CONCURRENT_RETRY_US = int(CONCURRENT_RETRY_S * 1_000_000)
+_MAX_DEBT_KEYS = 10_000  # buckets whose fallback use is remembered during an outage
+_REPAY_BATCH = 64  # buckets per Redis call when paying it back
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,9 @@ class Limiter:
         self._lease_prefix = os.urandom(6).hex()
         self._leases = itertools.count()
         self._released = asyncio.Event()
+        self._debt: dict[str, Charge] = {}  # key -> what fallback decisions took from it
+        self._repaying: asyncio.Task[None] | None = None
+        self.debt_dropped = 0
 
     def observe(self, instruments: Instruments) -> None:
         """Publish the breaker state and the queue length as gauges."""
@@ -224,7 +229,10 @@ class Limiter:
                 log.warning("rate limiter: cannot load script yet (%s)", type(exc).__name__)
 
     async def close(self) -> None:
-        """Close the Redis pool."""
+        """Finish paying back fallback use (bounded by the call timeouts), close the pool."""
+        if self._repaying is not None:
+            with contextlib.suppress(Exception):
+                await self._repaying
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -233,8 +241,50 @@ class Limiter:
         decision = await self._redis_call(charges, "check", lease)
         if decision is None:
             decision = self._fallback(charges, lease)
+            if decision.admitted and self.redis is not None:
+                self._owe(charges)
+        elif self._debt and self._repaying is None:
+            # Off the request path: the task runs once the decision is returned.
+            self._repaying = asyncio.get_running_loop().create_task(self._repay(),
+                                                                     name="ratelimit-repay")
         self.decisions[decision.backend] = self.decisions.get(decision.backend, 0) + 1
         return decision
+
+    def _owe(self, charges: list[Charge]) -> None:
+        """Remember what was admitted without Redis, to charge it there once it answers.
+
+        Without this, a replica on its fallback (Redis down, or its own calls
+        too slow) admits on top of what the other replicas admit through
+        Redis, and Redis never learns of it. Charged later, that use still
+        counts against the shared buckets, so the limit holds over time.
+        """
+        for c in charges:
+            if c.quota.kind == "concurrent" or c.cost == 0:
+                continue  # slots are held and released where they were granted
+            owed = self._debt.get(c.key)
+            if owed is None and len(self._debt) >= _MAX_DEBT_KEYS:
+                self.debt_dropped += 1
+                continue
+            self._debt[c.key] = replace(c, cost=c.cost + (owed.cost if owed else 0))
+
+    async def _repay(self) -> None:
+        try:
+            debt, self._debt = list(self._debt.values()), {}
+            for i in range(0, len(debt), _REPAY_BATCH):
+                batch = debt[i:i + _REPAY_BATCH]
+                if await self._redis_call(batch, "force", "") is None:
+                    self._owe(batch + debt[i + _REPAY_BATCH:])
+                    return
+            log.info("rate limiter: charged %d buckets in Redis with what was admitted "
+                     "on the fallback policy", len(debt))
+        finally:
+            self._repaying = None
+
+    async def repaid(self) -> None:
+        """Wait for a running repayment (tests, shutdown)."""
+        task = self._repaying
+        if task is not None:
+            await asyncio.shield(task)
 
     async def settle(self, corrections: list[Charge], releases: list[Charge], lease: str,
                      backend: str) -> None:
@@ -248,6 +298,7 @@ class Limiter:
         remote = corrections + (releases if backend == "redis" else [])
         if remote and await self._redis_call(remote, "force", lease) is None and corrections:
             self.local.apply(corrections, force=True, share=self._share())
+            self._owe(corrections)
         if releases and backend == "local":
             self.local.apply(releases, force=True, share=self._share(), lease=lease)
         if releases:
@@ -313,6 +364,7 @@ class Limiter:
                                       "breaker_opened": self.breaker.opened,
                                       "decisions": dict(self.decisions),
                                       "queued": self.queued,
+                                      "owed_buckets": len(self._debt),
                                       "last_redis_ms": self.last_latency_ms}
         if self.redis is None:
             return Health(State.OK, "local buckets (no Redis configured)", details)
