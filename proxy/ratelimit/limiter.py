@@ -143,12 +143,14 @@ class LocalBuckets:
 class Breaker:
     """Consecutive-failure circuit breaker with a timed half-open trial."""
 
-    def __init__(self, failures: int, reset_s: float) -> None:
+    def __init__(self, failures: int, reset_s: float, trial_s: float) -> None:
         self.threshold = failures
         self.reset_s = reset_s
+        self.trial_s = trial_s
         self.failures = 0
         self.open_until = 0.0
         self.opened = 0  # times it opened, for /status and logs
+        self._trial_until = 0.0
 
     @property
     def state(self) -> str:
@@ -164,12 +166,23 @@ class Breaker:
 
     def allow(self) -> bool:
         """Whether to try Redis now (closed, or half-open: one trial after the wait)."""
-        return self.state != "open"
+        state = self.state
+        if state != "half-open":
+            return state == "closed"
+        # One trial at a time, so a still-dead Redis costs one request its budget,
+        # not every request that arrives meanwhile. A trial that never reports
+        # back (its request was cancelled) expires.
+        now = time.monotonic()
+        if now < self._trial_until:
+            return False
+        self._trial_until = now + self.trial_s
+        return True
 
     def success(self) -> None:
         if self.failures >= self.threshold:
             log.warning("rate limiter: Redis is back, breaker closed")
         self.failures = 0
+        self._trial_until = 0.0
 
     def failure(self) -> None:
         self.failures += 1
@@ -179,6 +192,7 @@ class Breaker:
                 log.warning("rate limiter: Redis unavailable, breaker open for %.1fs "
                             "(local fallback policy in force)", self.reset_s)
             self.open_until = time.monotonic() + self.reset_s
+            self._trial_until = 0.0
 
 
 class Limiter:
@@ -189,7 +203,8 @@ class Limiter:
         self.redis = _client(cfg)
         self.script = LuaScript("ratelimit")
         self.local = LocalBuckets(cfg.lease_ttl_s)
-        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s)
+        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s,
+                               trial_s=2 * cfg.timeout_ms / 1000)
         self.timeout_s = cfg.timeout_ms / 1000
         self.lease_ttl_ms = int(cfg.lease_ttl_s * 1000)
         self.decisions: dict[str, int] = {}
