@@ -136,7 +136,8 @@ for i = 1, n do
       redis.call('SET', KEYS[i], string.format('%.0f', tat),
                  'PX', math.ceil((tat - now) / 1000) + grace_ms)
     end
-    local remaining = math.floor((now + caps[i] * periods[i] - tat) / periods[i])
+    -- +1 us: float rounding must not turn an exact whole unit into 0.99...
+    local remaining = math.floor((now + caps[i] * periods[i] - tat + 1) / periods[i])
     if remaining < 0 then remaining = 0 end
     out[#out + 1] = remaining
     out[#out + 1] = math.ceil(tat - now)

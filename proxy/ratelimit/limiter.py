@@ -37,8 +37,9 @@ _GRACE_MS = 1000  # a key outlives its full-again time by this much
 # predict: clients are told to retry after this long.
 CONCURRENT_RETRY_S = 1.0
 _CONCURRENT_RETRY_US = int(CONCURRENT_RETRY_S * 1_000_000)
-_MAX_DEBT_KEYS = 10_000  # buckets whose fallback use is remembered during an outage
-_REPAY_BATCH = 64  # buckets per Redis call when paying it back
+# Buckets whose pending corrections, or fallback use during an outage, are kept.
+_MAX_PENDING_KEYS = 10_000
+_BATCH = 64  # buckets per Redis call when sending corrections or repaying
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,8 @@ class LocalBuckets:
             if admitted:
                 level = after
                 self._tat[c.key] = after
-            states.append(BucketState(max(0, int((now + cap * t - level) // t)),
+            # +1 us: float rounding must not turn an exact whole unit into 0.99...
+            states.append(BucketState(max(0, int((now + cap * t - level + 1) // t)),
                                       (level - now) / 1e6, retry))
         if now > self._sweep_at:
             self._sweep(now)
@@ -216,6 +218,8 @@ class Limiter:
         self._released = asyncio.Event()
         self._debt: dict[str, Charge] = {}  # key -> what fallback decisions took from it
         self._repaying: asyncio.Task[None] | None = None
+        self._corrections: dict[str, Charge] = {}  # key -> net correction not yet sent
+        self._flusher: asyncio.Task[None] | None = None
         self.debt_dropped = 0
 
     def observe(self, instruments: Instruments) -> None:
@@ -244,10 +248,9 @@ class Limiter:
                 log.warning("rate limiter: cannot load script yet (%s)", type(exc).__name__)
 
     async def close(self) -> None:
-        """Finish paying back fallback use (bounded by the call timeouts), close the pool."""
-        if self._repaying is not None:
-            with contextlib.suppress(Exception):
-                await self._repaying
+        """Send what is pending (bounded by the call timeouts), then close the pool."""
+        with contextlib.suppress(Exception):
+            await self.drain()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -273,53 +276,83 @@ class Limiter:
         Redis, and Redis never learns of it. Charged later, that use still
         counts against the shared buckets, so the limit holds over time.
         """
-        for c in charges:
-            if c.quota.kind == "concurrent" or c.cost == 0:
-                continue  # slots are held and released where they were granted
-            owed = self._debt.get(c.key)
-            if owed is None and len(self._debt) >= _MAX_DEBT_KEYS:
-                self.debt_dropped += 1
-                continue
-            self._debt[c.key] = replace(c, cost=c.cost + (owed.cost if owed else 0))
+        owed = [c for c in charges if c.quota.kind != "concurrent" and c.cost != 0]
+        # Slots are held and released where they were granted: never owed.
+        if not self._merge(self._debt, owed):
+            self.debt_dropped += 1
 
     async def _repay(self) -> None:
         try:
             debt, self._debt = list(self._debt.values()), {}
-            for i in range(0, len(debt), _REPAY_BATCH):
-                batch = debt[i:i + _REPAY_BATCH]
+            for i in range(0, len(debt), _BATCH):
+                batch = debt[i:i + _BATCH]
                 if await self._redis_call(batch, "force", "") is None:
-                    self._owe(batch + debt[i + _REPAY_BATCH:])
+                    self._owe(batch + debt[i + _BATCH:])
                     return
             log.info("rate limiter: charged %d buckets in Redis with what was admitted "
                      "on the fallback policy", len(debt))
         finally:
             self._repaying = None
 
-    async def repaid(self) -> None:
-        """Wait for a running repayment (tests, shutdown)."""
-        task = self._repaying
-        if task is not None:
-            await asyncio.shield(task)
-
     async def settle(self, corrections: list[Charge], releases: list[Charge], lease: str,
                      backend: str) -> None:
         """After a request: apply token corrections (any sign) and free its slots.
 
-        Slots go back to the store that granted them. Corrections go to Redis
-        when it answers, else to the local buckets, which are what limits
-        while Redis is away. A Redis slot that cannot be released now lapses
-        after the lease TTL.
+        Slots go back at once to the store that granted them (a Redis slot
+        that cannot be released now lapses after the lease TTL). Corrections
+        are merged per bucket and sent by one background flusher: while its
+        Redis call is in flight the next ones accumulate, so under load one
+        call carries many requests' corrections.
         """
-        remote = corrections + (releases if backend == "redis" else [])
-        if remote and await self._redis_call(remote, "force", lease) is None and corrections:
-            self.local.apply(corrections, force=True, share=self._share())
-            self._owe(corrections)
-        if releases and backend == "local":
-            self.local.apply(releases, force=True, share=self._share(), lease=lease)
+        if corrections:
+            if self.redis is None:
+                self.local.apply(corrections, force=True)
+            else:
+                self._merge(self._corrections, corrections)
+                if self._flusher is None:
+                    self._flusher = asyncio.get_running_loop().create_task(
+                        self._flush(), name="ratelimit-corrections")
         if releases:
+            if backend == "redis":
+                await self._redis_call(releases, "force", lease)
+            elif backend == "local":
+                self.local.apply(releases, force=True, share=self._share(), lease=lease)
             # Wake requests queued here for a slot; other replicas' waiters poll.
             self._released.set()
             self._released = asyncio.Event()
+
+    async def _flush(self) -> None:
+        try:
+            while self._corrections:
+                pending = list(self._corrections.values())
+                self._corrections = {}
+                for i in range(0, len(pending), _BATCH):
+                    batch = pending[i:i + _BATCH]
+                    if await self._redis_call(batch, "force", "") is None:
+                        # Redis away: the local buckets limit meanwhile, and Redis
+                        # is charged once it answers again.
+                        self.local.apply(batch, force=True, share=self._share())
+                        self._owe(batch)
+        finally:
+            self._flusher = None
+
+    async def drain(self) -> None:
+        """Wait until pending corrections and repayments have been sent."""
+        for task in (self._flusher, self._repaying):
+            if task is not None:
+                await asyncio.shield(task)
+
+    @staticmethod
+    def _merge(into: dict[str, Charge], charges: list[Charge]) -> bool:
+        """Add ``charges`` to the per-bucket totals in ``into``; False if it is full."""
+        complete = True
+        for c in charges:
+            held = into.get(c.key)
+            if held is None and len(into) >= _MAX_PENDING_KEYS:
+                complete = False
+                continue
+            into[c.key] = replace(c, cost=c.cost + (held.cost if held else 0))
+        return complete
 
     async def wait_for_release(self, timeout_s: float) -> None:
         """Return when this replica releases an in-flight slot, or after ``timeout_s``."""
