@@ -11,9 +11,11 @@ from tests.conftest import free_port
 class RedisServer:
     """``redis-server`` on a free loopback port; ``start`` returns once it accepts clients."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[str] | None = None
 
     @property
@@ -24,7 +26,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--loglevel", "notice"],
+             "--loglevel", "notice", *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
         seen = []

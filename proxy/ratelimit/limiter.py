@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from proxy.config import RateLimitConfig
 from proxy.health import Health, State
 from proxy.ratelimit.policy import Charge
+from proxy.ratelimit.resp import RespClient
 from proxy.ratelimit.scripts import LuaScript
 
 if TYPE_CHECKING:
@@ -422,12 +423,14 @@ class Limiter:
         return Health(State.OK, "", details)
 
 
-def _client(cfg: RateLimitConfig) -> Redis | RedisCluster | None:
+def _client(cfg: RateLimitConfig) -> Redis | RedisCluster | RespClient | None:
     if not cfg.redis_url:
         return None
     connect_s = cfg.timeout_ms / 1000 * 20
     if cfg.redis_cluster:
         return RedisCluster.from_url(cfg.redis_url, socket_connect_timeout=connect_s)
+    if cfg.redis_url.startswith(("redis://", "rediss://")):
+        return RespClient(cfg.redis_url, connect_s)
     return Redis.from_url(cfg.redis_url, socket_connect_timeout=connect_s,
                           health_check_interval=0)
 

@@ -9,6 +9,10 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
+from proxy.ratelimit.resp import RespClient
+
+Client = Redis | RedisCluster | RespClient
+
 
 def _lua_dir() -> Path:
     # A source checkout (or editable install) has lua/ beside proxy/; an
@@ -30,12 +34,12 @@ class LuaScript:
         self.source = (lua_dir / f"{name}.lua").read_text(encoding="utf-8")
         self.sha: str | None = None
 
-    async def load(self, client: Redis | RedisCluster) -> str:
+    async def load(self, client: Client) -> str:
         """SCRIPT LOAD (at start, and again after a server restart)."""
         self.sha = str(await client.script_load(self.source))
         return self.sha
 
-    async def __call__(self, client: Redis | RedisCluster, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: Client, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script first if this server does not know it."""
         if self.sha is None:
             await self.load(client)
