@@ -89,6 +89,8 @@ class Policy:
     def __init__(self, cfg: RateLimitConfig) -> None:
         self.rules = tuple(compile_rule(r) for r in cfg.rules)
         self.default_max_tokens = cfg.default_max_tokens
+        # Agents, tenants and models repeat: build each bucket key once.
+        self._keys: dict[tuple[str, str, tuple[str, ...]], str] = {}
 
     def charges(self, dims: dict[str, str], tokens: int) -> list[Charge]:
         """The buckets this request takes from: 1 per requests quota or in-flight slot,
@@ -97,12 +99,21 @@ class Policy:
         for rule in self.rules:
             if rule.match and not rule.applies(dims):
                 continue
-            scope = _scope_id(tuple(dims.get(d, "") for d in rule.per)) if rule.per else "all"
+            values = tuple(dims.get(d, "") for d in rule.per)
             for quota in rule.quotas:
                 cost = tokens if quota.kind == "tokens" else 1
-                out.append(Charge(rule, quota, f"{KEY_TAG}:{rule.name}:{quota.kind}:{scope}",
-                                  cost))
+                out.append(Charge(rule, quota, self._key(rule, quota.kind, values), cost))
         return out
+
+    def _key(self, rule: Rule, kind: str, values: tuple[str, ...]) -> str:
+        cache_key = (rule.name, kind, values)
+        key = self._keys.get(cache_key)
+        if key is None:
+            if len(self._keys) >= 65_536:  # client-chosen agent ids: stay bounded
+                self._keys.clear()
+            scope = _scope_id(values) if values else "all"
+            key = self._keys[cache_key] = f"{KEY_TAG}:{rule.name}:{kind}:{scope}"
+        return key
 
 
 def _scope_id(values: tuple[str, ...]) -> str:
