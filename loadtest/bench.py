@@ -45,6 +45,7 @@ import contextlib
 import datetime as dt
 import gc
 import importlib.metadata
+import itertools
 import math
 import os
 import platform
@@ -510,6 +511,18 @@ class Pool:
         self.idle.clear()
 
 
+Payload = bytes | tuple[bytes, ...]
+"""A target's pre-built request, or several sent in turn (e.g. one per agent id)."""
+
+
+def payload_source(payload: Payload) -> Callable[[], bytes]:
+    """A callable returning the request to send next (cycling through a tuple)."""
+    # Both are C-level iterators: a few tens of ns per request on the generator.
+    if isinstance(payload, bytes):
+        return itertools.repeat(payload).__next__
+    return itertools.cycle(payload).__next__
+
+
 def build_request(port: int, body: bytes, extra: dict[str, str] | None = None) -> bytes:
     """The complete HTTP/1.1 request bytes, built once per target."""
     lines = [
@@ -664,9 +677,9 @@ class OpenBlock:
     pool (or a new one opened in a task), so a slow answer delays nothing else.
     """
 
-    def __init__(self, pool: Pool, payload: bytes, run: TargetRun, stream: bool) -> None:
+    def __init__(self, pool: Pool, payload: Payload, run: TargetRun, stream: bool) -> None:
         self.pool = pool
-        self.payload = payload
+        self.next_payload = payload_source(payload)
         self.run = run
         self.stream = stream
         self.inflight = 0
@@ -716,7 +729,7 @@ class OpenBlock:
 
     def _send(self, conn: HttpConnection, intended: float) -> None:
         self.run.send_lag_ms.append((time.perf_counter() - intended) * 1000.0)
-        conn.send(self.payload,
+        conn.send(self.next_payload(),
                   lambda c, reply, error: self._done(c, reply, error, intended))
 
     def _done(self, conn: HttpConnection | None, reply: Reply | None, error: str | None,
@@ -749,9 +762,9 @@ class OpenBlock:
 class ClosedBlock:
     """Every connection sends back to back until the deadline (one worker per connection)."""
 
-    def __init__(self, conns: list[HttpConnection], payload: bytes, run: TargetRun) -> None:
+    def __init__(self, conns: list[HttpConnection], payload: Payload, run: TargetRun) -> None:
         self.conns = conns
-        self.payload = payload
+        self.next_payload = payload_source(payload)
         self.run = run
         self.deadline = 0.0
         self.active = 0
@@ -767,7 +780,7 @@ class ClosedBlock:
             self.run.errors["no usable connection"] += 1
             return
         for conn in workers:
-            conn.send(self.payload, self._done)
+            conn.send(self.next_payload(), self._done)
         try:
             async with asyncio.timeout(seconds + DRAIN_TIMEOUT_S):
                 await self.finished.wait()
@@ -787,7 +800,7 @@ class ClosedBlock:
             if reply.done_at <= self.deadline:
                 run.in_window += 1
         if conn.usable and time.perf_counter() < self.deadline:
-            conn.send(self.payload, self._done)
+            conn.send(self.next_payload(), self._done)
             return
         self.active -= 1
         if self.active == 0:
@@ -846,7 +859,7 @@ def warmup_requests(plan: Plan, rate: int) -> int:
     return max(1, round(rate * plan.warmup_s))
 
 
-async def open_loop(targets: Sequence[Target], payloads: dict[str, bytes], meter: CpuMeter,
+async def open_loop(targets: Sequence[Target], payloads: Mapping[str, Payload], meter: CpuMeter,
                     plan: Plan, rate: int, requests: int, stream: bool,
                     label: str, settle_s: Mapping[str, float] | None = None,
                     warmups: dict[str, TargetRun] | None = None,
@@ -886,7 +899,7 @@ async def open_loop(targets: Sequence[Target], payloads: dict[str, bytes], meter
     return runs
 
 
-async def closed_loop(targets: Sequence[Target], payloads: dict[str, bytes], meter: CpuMeter,
+async def closed_loop(targets: Sequence[Target], payloads: Mapping[str, Payload], meter: CpuMeter,
                       plan: Plan, settle_s: Mapping[str, float] | None = None,
                       warmups: dict[str, TargetRun] | None = None) -> dict[str, TargetRun]:
     """Interleaved closed-loop blocks: ``plan.workers`` connections sending back to back.
@@ -1038,19 +1051,20 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def git_revision() -> str:
-    """The measured commit, plus the files of proxy/ and loadtest/ changed since."""
+def git_revision(paths: Sequence[str] = ("proxy", "loadtest")) -> str:
+    """The measured commit, plus the files under ``paths`` changed since."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy", "loadtest"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths],
                                cwd=ROOT, text=True, capture_output=True, timeout=10,
                                check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     # The report and raw results themselves do not make the code dirty.
     changed = [line for line in dirty.splitlines()
-               if not line.endswith(("REPORT.md", "REPORT-telemetry.md", "results/"))]
+               if not line.endswith(("REPORT.md", "REPORT-telemetry.md", "REPORT-ratelimit.md",
+                                     "results/"))]
     if not changed:
         return rev
     return f"{rev} + local changes in " + ", ".join(line[3:] for line in changed)

@@ -139,6 +139,7 @@ for i = 1, n do
     -- +1 us: float rounding must not turn an exact whole unit into 0.99...
     local remaining = math.floor((now + caps[i] * periods[i] - tat + 1) / periods[i])
     if remaining < 0 then remaining = 0 end
+    if remaining > caps[i] then remaining = caps[i] end  -- the +1 us with T < 1 us
     out[#out + 1] = remaining
     out[#out + 1] = math.ceil(tat - now)
     out[#out + 1] = retries[i]

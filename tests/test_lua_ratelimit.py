@@ -217,3 +217,14 @@ def test_slots_and_rates_are_all_or_nothing(redis_server: RedisServer) -> None:
     assert not denied[0]
     assert denied[2][0] == (5, 0, 0)  # the slot bucket would admit, but took nothing
     assert exists == 0
+
+
+def test_remaining_never_exceeds_capacity_for_tiny_refill_intervals(
+        redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> Any:
+        # 1e12 tokens per minute: a unit refills every 0.00006 us.
+        return parse(await script(r, [f"{TAG}:huge"], [*head("check"),
+                                                       *bucket(60, 10**12, 1)]))
+
+    ok, _, [(remaining, _, _)] = run(redis_server, steps)
+    assert ok and remaining <= 10**12

@@ -26,9 +26,12 @@ def test_failed_trial_reopens_the_breaker() -> None:
     breaker = Breaker(failures=1, reset_s=0.0, trial_s=60.0)
     breaker.failure()
     assert breaker.allow()
-    breaker.failure()  # the trial failed: open again, a new trial after the reset
-    assert breaker.opened == 2
+    breaker.failure()  # the trial failed: open again (the same outage), a new trial later
+    assert breaker.opened == 1 and breaker.state != "closed"
     assert breaker.allow()
+    breaker.success()
+    breaker.success()  # a call sent before the opening answering late changes nothing
+    assert breaker.state == "closed" and breaker.opened == 1
 
 
 def _policy(*rules: RuleConfig) -> Policy:

@@ -121,7 +121,7 @@ class LocalBuckets:
                 level = after
                 self._tat[c.key] = after
             # +1 us: float rounding must not turn an exact whole unit into 0.99...
-            states.append(BucketState(max(0, int((now + cap * t - level + 1) // t)),
+            states.append(BucketState(min(cap, max(0, int((now + cap * t - level + 1) // t))),
                                       (level - now) / 1e6, retry))
         if now > self._sweep_at:
             self._sweep(now)
@@ -154,6 +154,7 @@ class Breaker:
         self.open_until = 0.0
         self.opened = 0  # times it opened, for /status and logs
         self._trial_until = 0.0
+        self._tripped = False  # opened and not yet closed by a success
 
     @property
     def state(self) -> str:
@@ -182,15 +183,19 @@ class Breaker:
         return True
 
     def success(self) -> None:
-        if self.failures >= self.threshold:
+        # Calls sent before the breaker opened can succeed after it did: only the
+        # first success after an opening closes it (and logs), not each of them.
+        if self._tripped:
             log.warning("rate limiter: Redis is back, breaker closed")
+            self._tripped = False
         self.failures = 0
         self._trial_until = 0.0
 
     def failure(self) -> None:
         self.failures += 1
         if self.failures >= self.threshold:
-            if self.open_until <= time.monotonic():
+            if not self._tripped:
+                self._tripped = True
                 self.opened += 1
                 log.warning("rate limiter: Redis unavailable, breaker open for %.1fs "
                             "(local fallback policy in force)", self.reset_s)
