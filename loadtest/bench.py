@@ -2279,7 +2279,8 @@ def write_telemetry_outputs(r: TelemetryResults, out: Path) -> Path:
     return json_path
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A SIGTERM handler that unwinds like Ctrl-C, so finally blocks stop the servers."""
     raise KeyboardInterrupt
 
 
@@ -2307,7 +2308,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([exe, "-m", "loadtest.bench", *(sys.argv[1:] if argv is None
                                                           else argv)])
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     if args.telemetry:
         tplan = TELEMETRY_QUICK if args.quick else TELEMETRY_FULL
         out = args.out or ROOT / "loadtest" / "REPORT-telemetry.md"

@@ -86,6 +86,7 @@ from loadtest.bench import (
     per_round_added,
     prepare_run,
     process_cpu_s,
+    raise_interrupt,
     requests_sent,
     self_cpu_s,
     sidecar_command,
@@ -1104,10 +1105,6 @@ def write_outputs(r: RateLimitResults, out: Path) -> Path:
     return json_path
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, write the report; exit 1 if the limiter did not decide in Redis."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_ratelimit",
@@ -1121,7 +1118,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([exe, "-m", "loadtest.bench_ratelimit",
                           *(sys.argv[1:] if argv is None else argv)])
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers and Redis.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     rplan = QUICK if args.quick else FULL
     print(f"llm-sidecar rate-limit benchmark ({rplan.load.name})", flush=True)
     try:

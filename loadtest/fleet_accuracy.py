@@ -45,21 +45,19 @@ word count), so reconciliation only ever refunds.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import dataclasses
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -67,6 +65,8 @@ import openai
 import orjson
 import yaml
 
+from loadtest.bench import free_port
+from loadtest.loop_thread import LoopThread
 from loadtest.mock_upstream import MockConfig, MockUpstream
 from proxy.server import loop_factory
 
@@ -193,15 +193,6 @@ class FleetResult:
 # ---------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    # Bind-and-release: the child binds it a moment later. Only redis-server
-    # needs this; sidecars take --port 0 and report the port they got.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _drain(stream: Any, tail: collections.deque[str]) -> threading.Thread:
     """Keep reading a child's output so a full pipe never blocks it; keep the tail."""
     def run() -> None:
@@ -258,7 +249,7 @@ class ChildProcess:
 
 def start_redis(workdir: Path) -> tuple[ChildProcess, str]:
     """A private redis-server on a free loopback port, without persistence; returns its URL."""
-    port = _free_port()
+    port = free_port()  # bind-and-release: redis-server binds it a moment later
     child = ChildProcess(
         "redis-server",
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -302,30 +293,11 @@ def stop_all(children: list[ChildProcess], timeout_s: float = 15.0) -> None:
         child.stop(timeout_s)
 
 
-class LoopThread:
-    """An event loop in a daemon thread (hosts the in-process mock upstream)."""
-
-    def __init__(self) -> None:
-        factory = loop_factory()
-        self.loop = factory() if factory is not None else asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        """Run ``coro`` on the loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Stop the loop and join its thread."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
 @contextlib.contextmanager
 def running_mock() -> Iterator[MockUpstream]:
     """The mock upstream on a loop thread; ``base_url`` is set while the context is open."""
-    lt = LoopThread()
+    factory = loop_factory()
+    lt = LoopThread(factory() if factory is not None else None)
     mock = MockUpstream(MockConfig())
     try:
         lt.call(mock.start())
@@ -333,6 +305,7 @@ def running_mock() -> Iterator[MockUpstream]:
     finally:
         lt.call(mock.stop())
         lt.close()
+        lt.loop.close()
 
 
 # ---------------------------------------------------------------- driving

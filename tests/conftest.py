@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
-import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
@@ -18,36 +16,13 @@ import openai
 import pytest
 from aiohttp import web
 
+from loadtest.loop_thread import LoopThread
 from loadtest.mock_upstream import MockConfig, MockUpstream
 from proxy.app import build_app
 from proxy.config import ServerConfig, SidecarConfig, UpstreamConfig
 from proxy.server import running
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (for servers to start on, or to find closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class LoopThread:
-    """An event loop running in a daemon thread; ``call`` runs a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tests.conftest import free_port
+from loadtest.bench import free_port
 
 _READY = "Ready to accept connections"
 _CLUSTER_OK = "Cluster state changed: ok"  # logged by each node when it starts serving slots

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import free_port
+from loadtest.bench import free_port
 
 
 class RedisServer:

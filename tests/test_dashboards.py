@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import openai
 import pytest
 
+from loadtest.bench import free_port
 from proxy.app import METRICS
 from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
 from tests.conftest import LoopThread, Mock, SidecarFactory
@@ -163,13 +163,6 @@ class PrometheusAPI:
         return self.log.read_text(errors="replace")[-2000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _wait_for(what: str, check: Callable[[], bool], api: PrometheusAPI | None,
               deadline: float) -> None:
     """Poll ``check`` until it holds; fail (with Prometheus' log) at the deadline."""
@@ -251,7 +244,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
             "scrape_configs": [{"job_name": "llm-sidecar", "metrics_path": "/metrics",
                                 "static_configs": [{"targets": [target]}]}],
         }))
-        port = _free_port()
+        port = free_port()
         log = root / "prometheus.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(

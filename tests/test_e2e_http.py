@@ -11,8 +11,9 @@ import orjson
 import pytest
 from yarl import URL
 
+from loadtest.bench import free_port
 from proxy.config import ServerConfig, UpstreamConfig
-from tests.conftest import Mock, SidecarFactory, free_port
+from tests.conftest import Mock, SidecarFactory
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
 

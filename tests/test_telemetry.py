@@ -11,10 +11,11 @@ import orjson
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from loadtest.bench import free_port
 from proxy.app import PIPELINE, TELEMETRY
 from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
 from proxy.telemetry.providers import TelemetryConfigError, build_providers
-from tests.conftest import LoopThread, Mock, SidecarFactory, free_port
+from tests.conftest import LoopThread, Mock, SidecarFactory
 from tests.otlp_receiver import OtlpReceiver
 
 AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
