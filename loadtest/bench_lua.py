@@ -40,7 +40,7 @@ READY_TIMEOUT_S = 10.0
 # 1 ns per unit and a capacity of 1e12: a bucket that always has room.
 ROOMY_BUCKET = ("0.001", "1000000000000")
 # 60 s per unit, capacity 1, cost 2: more than the bucket can ever hold, so denied.
-FULL_BUCKET = ("60000000", "1", "2")
+FULL_BUCKET = ("60000000", "1", "2", "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +120,15 @@ def script_call(buckets: int, outcome: str) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of one decision over ``buckets`` rate buckets.
 
     Follows the layout documented at the top of lua/ratelimit.lua: mode, idle
-    grace (ms), lease id, lease TTL (ms), then kind, T, capacity, cost per
-    bucket. ``denied``: the last bucket can never hold the cost.
+    grace (ms), lease id, lease TTL (ms), then kind, T, capacity, cost,
+    reserve per bucket (no reservations: each call decides one request).
+    ``denied``: the last bucket can never hold the cost.
     """
     keys = [f"{TAG}:bench:b{i}" for i in range(buckets)]
     argv = ["check", "1000", "bench-lease", "60000"]
     for i in range(buckets):
         exhausted = outcome == "denied" and i == buckets - 1
-        argv += ["rate", *(FULL_BUCKET if exhausted else (*ROOMY_BUCKET, "1"))]
+        argv += ["rate", *(FULL_BUCKET if exhausted else (*ROOMY_BUCKET, "1", "0"))]
     return keys, argv
 
 
@@ -140,7 +141,7 @@ def _check_call(client: redis.Redis, sha: str, buckets: int, outcome: str) -> No
         raise RuntimeError(f"lua/ratelimit.lua rejected the benchmark's call ({exc}); has its "
                            "ARGV layout changed? Update script_call().") from exc
     want = 1 if outcome == "admitted" else 0
-    if not isinstance(reply, list) or len(reply) != 2 + 3 * buckets or reply[0] != want:
+    if not isinstance(reply, list) or len(reply) != 2 + 4 * buckets or reply[0] != want:
         raise RuntimeError(f"unexpected reply to a {outcome} call over {buckets} buckets: "
                            f"{reply!r}; has lua/ratelimit.lua's interface changed?")
 

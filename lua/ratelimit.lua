@@ -28,20 +28,28 @@ ARGV[2]      idle grace in ms: a key expires this long after its bucket is full
              again (rate) or after its last lease expires (concurrent)
 ARGV[3]      lease id of this request (concurrent buckets; any string otherwise)
 ARGV[4]      lease TTL in ms (concurrent buckets)
-then four values per bucket i, starting at ARGV[5 + (i - 1) * 4]:
+then five values per bucket i, starting at ARGV[5 + (i - 1) * 5]:
   kind       "rate" or "concurrent"
   T          rate: microseconds per unit (the bucket's period / its amount), > 0
              concurrent: the retry hint in microseconds reported when full
   capacity   burst capacity (rate) or in-flight limit (concurrent), > 0
   cost       rate: units this request takes (>= 0 in "check" mode)
              concurrent: 1 takes a lease, -1 (force mode) releases it
+  reserve    rate, "check" mode: units the caller would also like to take for
+             later requests of its own (a reservation; 0: none). Granted in
+             full or not at all, only if the request is admitted and the bucket
+             still holds at least `reserve` more units afterwards, so the last
+             units of a bucket are never parked on one replica. Ignored
+             otherwise.
 
 Returns an array: { admitted (1 or 0), now_us, then per bucket i:
   remaining  whole units (rate) or free slots (concurrent) left, after this
              request if admitted, else as it stands
   reset_us   rate: microseconds until the bucket is full again; concurrent: 0
   retry_us   0 if the bucket admits this cost; otherwise the wait until it
-             would (concurrent: the hint T), or -1 if it never can (cost > capacity) }
+             would (concurrent: the hint T), or -1 if it never can (cost > capacity)
+  reserved   units of the reservation granted (taken from the bucket and
+             already counted in `remaining`) }
 
 Time comes from Redis TIME, never from the callers' clocks.
 ]]
@@ -54,11 +62,11 @@ local lease = ARGV[3]
 local lease_ttl_ms = tonumber(ARGV[4])
 
 local n = #KEYS
-local kinds, old, new, periods, caps, costs, retries = {}, {}, {}, {}, {}, {}, {}
+local kinds, old, new, periods, caps, costs, retries, wants = {}, {}, {}, {}, {}, {}, {}, {}
 local admitted = 1
 
 for i = 1, n do
-  local base = 5 + (i - 1) * 4
+  local base = 5 + (i - 1) * 5
   local kind = ARGV[base]
   local T = tonumber(ARGV[base + 1])
   local cap = tonumber(ARGV[base + 2])
@@ -101,6 +109,7 @@ for i = 1, n do
     old[i], new[i] = tat, next_tat
   end
   kinds[i], periods[i], caps[i], costs[i], retries[i] = kind, T, cap, cost, retry
+  wants[i] = force and 0 or tonumber(ARGV[base + 4])
 end
 
 local out = { admitted, now }
@@ -128,8 +137,20 @@ for i = 1, n do
     out[#out + 1] = free
     out[#out + 1] = 0
     out[#out + 1] = retries[i]
+    out[#out + 1] = 0
   else
     local tat = old[i]
+    local granted = 0
+    if admitted == 1 and wants[i] > 0 then
+      local want = wants[i]
+      -- Leave at least `want` units behind: near empty, every replica decides
+      -- exactly, one request at a time.
+      if new[i] + 2 * want * periods[i] <= now + caps[i] * periods[i] then
+        granted = want
+        new[i] = new[i] + want * periods[i]
+        commit = true
+      end
+    end
     if commit then
       tat = new[i]
       -- Integer microseconds as text: tostring() would switch to exponent notation.
@@ -143,6 +164,7 @@ for i = 1, n do
     out[#out + 1] = remaining
     out[#out + 1] = math.ceil(tat - now)
     out[#out + 1] = retries[i]
+    out[#out + 1] = granted
   end
 end
 return out

@@ -42,8 +42,8 @@ class ConfigError(Exception):
 
 
 def _meta(doc: str, *, gt: float | None = None, ge: float | None = None,
-          choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    return {"doc": doc, "gt": gt, "ge": ge, "choices": choices}
+          le: float | None = None, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"doc": doc, "gt": gt, "ge": ge, "le": le, "choices": choices}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +214,12 @@ class RateLimitConfig:
         "replica never releases it (crashed). Keep above the longest request.", gt=0))
     max_queued: int = field(default=1000, metadata=_meta(
         "Requests a replica holds at once for rules with max_wait; beyond, 429.", ge=0))
+    reserve_share: float = field(default=0.01, metadata=_meta(
+        "Share of a shared bucket's capacity a replica may take from Redis ahead of "
+        "its requests (a reservation) and spend with no Redis call; never the last "
+        "units of a bucket. 0: every request asks Redis.", ge=0, le=0.5))
+    reserve_ttl_ms: float = field(default=1000.0, metadata=_meta(
+        "An unused reservation goes back to its bucket after this long.", gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +394,10 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, problems: list
         return False
     if ge is not None and not value >= ge:
         problems.append(f"{path}: must be >= {ge}, got {value}")
+        return False
+    le = meta.get("le")
+    if le is not None and not value <= le:
+        problems.append(f"{path}: must be <= {le}, got {value}")
         return False
     if choices is not None and value not in choices:
         problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")

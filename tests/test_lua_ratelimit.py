@@ -41,19 +41,26 @@ def head(mode: str, grace_ms: int = 1000, lease: str = "", lease_ttl_ms: int = 6
     return [mode, grace_ms, lease, lease_ttl_ms]
 
 
-def bucket(period_s: float, amount: int, cost: int, capacity: int | None = None) -> list[Any]:
+def bucket(period_s: float, amount: int, cost: int, capacity: int | None = None,
+           reserve: int = 0) -> list[Any]:
     """ARGV values of a rate bucket of ``amount`` units per ``period_s`` (capacity = amount)."""
-    return ["rate", period_s * SECOND_US / amount, capacity or amount, cost]
+    return ["rate", period_s * SECOND_US / amount, capacity or amount, cost, reserve]
 
 
 def slots(limit: int, cost: int = 1, retry_hint_us: int = SECOND_US) -> list[Any]:
     """ARGV values of an in-flight (concurrent) bucket."""
-    return ["concurrent", retry_hint_us, limit, cost]
+    return ["concurrent", retry_hint_us, limit, cost, 0]
 
 
 def parse(reply: list[int]) -> tuple[bool, int, list[tuple[int, int, int]]]:
+    """admitted, now, and (remaining, reset_us, retry_us) per bucket."""
     admitted, now, rest = reply[0], reply[1], reply[2:]
-    return bool(admitted), now, [tuple(rest[i:i + 3]) for i in range(0, len(rest), 3)]
+    return bool(admitted), now, [tuple(rest[i:i + 3]) for i in range(0, len(rest), 4)]
+
+
+def reserved(reply: list[int]) -> list[int]:
+    """Units of reservation granted, per bucket."""
+    return list(reply[5::4])
 
 
 def test_burst_then_deny_with_retry_time(redis_server: RedisServer) -> None:
@@ -228,3 +235,50 @@ def test_remaining_never_exceeds_capacity_for_tiny_refill_intervals(
 
     ok, _, [(remaining, _, _)] = run(redis_server, steps)
     assert ok and remaining <= 10**12
+
+
+def test_reservation_is_granted_with_room_and_counted_in_remaining(
+        redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:reserve:a"
+        out = []
+        # 100 per minute; ask for 1 + a reservation of 30 each time.
+        for _ in range(4):
+            out.append(await script(r, [key], [*head("check"), *bucket(60, 100, 1, reserve=30)]))
+        return out
+
+    replies = run(redis_server, steps)
+    # 1+30 -> 69 left; 1+30 -> 38; 1+30 would leave 7 < 30: request only -> 37; again 36.
+    assert [reserved(x) for x in replies] == [[30], [30], [0], [0]]
+    assert [parse(x)[2][0][0] for x in replies] == [69, 38, 37, 36]
+    assert all(parse(x)[0] for x in replies)
+
+
+def test_reservation_needs_the_request_admitted_and_is_refused_in_force_mode(
+        redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        full, other = f"{TAG}:reserve:full", f"{TAG}:reserve:other"
+        await script(r, [full], [*head("check"), *bucket(60, 10, 10)])  # now empty
+        denied = await script(r, [other, full], [*head("check"), *bucket(60, 1000, 1, reserve=50),
+                                                 *bucket(60, 10, 1)])
+        forced = await script(r, [other], [*head("force"), *bucket(60, 1000, 5, reserve=50)])
+        return [denied, forced, await r.get(other)]
+
+    denied, forced, stored = run(redis_server, steps)
+    assert not parse(denied)[0] and reserved(denied) == [0, 0]
+    assert reserved(forced) == [0]
+    assert parse(forced)[2][0][0] == 995  # force charged the cost only
+    assert stored is not None
+
+
+def test_returned_reservation_refills_the_bucket(redis_server: RedisServer) -> None:
+    async def steps(r: Redis, script: LuaScript) -> list[Any]:
+        key = f"{TAG}:reserve:back"
+        first = await script(r, [key], [*head("check"), *bucket(60, 100, 1, reserve=40)])
+        # The replica used 5 of its 40 and gives back the other 35.
+        back = await script(r, [key], [*head("force"), *bucket(60, 100, -35)])
+        return [first, back]
+
+    first, back = run(redis_server, steps)
+    assert reserved(first) == [40] and parse(first)[2][0][0] == 59
+    assert parse(back)[2][0][0] == 94  # 1 + 5 used

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from proxy.config import RateLimitConfig
 from proxy.health import Health, State
 from proxy.ratelimit.policy import Charge
+from proxy.ratelimit.reserve import Reservations
 from proxy.ratelimit.resp import RespClient
 from proxy.ratelimit.scripts import LuaScript
 
@@ -58,7 +59,7 @@ class Decision:
 
     admitted: bool
     states: list[BucketState]
-    backend: str  # redis | local | open | closed
+    backend: str  # redis | reserved | local | open | closed
     denied_by: Charge | None = None
 
     @property
@@ -227,6 +228,8 @@ class Limiter:
         self._corrections: dict[str, Charge] = {}  # key -> net correction not yet sent
         self._flusher: asyncio.Task[None] | None = None
         self.debt_dropped = 0
+        self.reserve = (Reservations(cfg.reserve_share, cfg.reserve_ttl_ms / 1000)
+                        if self.redis is not None and cfg.reserve_share > 0 else None)
 
     def observe(self, instruments: Instruments) -> None:
         """Publish the breaker state and the queue length as gauges."""
@@ -254,7 +257,10 @@ class Limiter:
                 log.warning("rate limiter: cannot load script yet (%s)", type(exc).__name__)
 
     async def close(self) -> None:
-        """Send what is pending (bounded by the call timeouts), then close the pool."""
+        """Return reservations and send what is pending (bounded by the call timeouts),
+        then close the pool."""
+        if self.reserve is not None:
+            self._correct(self.reserve.release_all())
         with contextlib.suppress(Exception):
             await self.drain()
         if self.redis is not None:
@@ -262,7 +268,19 @@ class Limiter:
 
     async def decide(self, charges: list[Charge], lease: str = "") -> Decision:
         """Admit (charging every bucket, taking in-flight slots) or deny (charging none)."""
-        decision = await self._redis_call(charges, "check", lease)
+        reserve = self.reserve
+        wants: list[int] | None = None
+        if reserve is not None:
+            now = time.monotonic()
+            if reserve.due(now):
+                self._correct(reserve.expired(now))
+            spent = reserve.take(charges, now)
+            if spent is not None:
+                self.decisions["reserved"] = self.decisions.get("reserved", 0) + 1
+                return Decision(True, [BucketState(s.remaining, s.reset_s, 0.0) for s in spent],
+                                "reserved")
+            wants = [reserve.block_size(c) for c in charges]
+        decision = await self._redis_call(charges, "check", lease, wants)
         if decision is None:
             decision = self._fallback(charges, lease)
             if decision.admitted and self.redis is not None:
@@ -314,10 +332,10 @@ class Limiter:
             if self.redis is None:
                 self.local.apply(corrections, force=True)
             else:
-                self._merge(self._corrections, corrections)
-                if self._flusher is None:
-                    self._flusher = asyncio.get_running_loop().create_task(
-                        self._flush(), name="ratelimit-corrections")
+                if self.reserve is not None:
+                    now = time.monotonic()
+                    corrections = [c for c in corrections if not self.reserve.correct(c, now)]
+                self._correct(corrections)
         if releases:
             if backend == "redis":
                 await self._redis_call(releases, "force", lease)
@@ -326,6 +344,15 @@ class Limiter:
             # Wake requests queued here for a slot; other replicas' waiters poll.
             self._released.set()
             self._released = asyncio.Event()
+
+    def _correct(self, corrections: list[Charge]) -> None:
+        """Queue corrections for Redis; the background flusher sends them."""
+        if not corrections:
+            return
+        self._merge(self._corrections, corrections)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="ratelimit-corrections")
 
     async def _flush(self) -> None:
         try:
@@ -368,18 +395,19 @@ class Limiter:
     def _share(self) -> float:
         return 1.0 if self.redis is None else self.cfg.local_share
 
-    async def _redis_call(self, charges: list[Charge], mode: str,
-                          lease: str) -> Decision | None:
+    async def _redis_call(self, charges: list[Charge], mode: str, lease: str,
+                          wants: list[int] | None = None) -> Decision | None:
         redis = self.redis
         if redis is None or not self.breaker.allow():
             return None
         args: list[object] = [mode, _GRACE_MS, lease, self.lease_ttl_ms]
-        for c in charges:
+        for i, c in enumerate(charges):
             quota = c.quota
             if quota.kind == "concurrent":
-                args += ["concurrent", _CONCURRENT_RETRY_US, quota.capacity, c.cost]
+                args += ["concurrent", _CONCURRENT_RETRY_US, quota.capacity, c.cost, 0]
             else:
-                args += ["rate", quota.us_per_unit, quota.capacity, c.cost]
+                args += ["rate", quota.us_per_unit, quota.capacity, c.cost,
+                         wants[i] if wants is not None else 0]
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -391,9 +419,18 @@ class Limiter:
         self.last_latency_ms = (time.perf_counter() - started) * 1000
         self.breaker.success()
         admitted = bool(reply[0])
-        states = [BucketState(int(reply[i]), int(reply[i + 1]) / 1e6,
-                              -1.0 if int(reply[i + 2]) < 0 else int(reply[i + 2]) / 1e6)
-                  for i in range(2, len(reply), 3)]
+        states = []
+        now = time.monotonic()
+        for c, i in zip(charges, range(2, len(reply), 4), strict=True):
+            remaining, reset_s = int(reply[i]), int(reply[i + 1]) / 1e6
+            retry = int(reply[i + 2])
+            granted = int(reply[i + 3])
+            if granted and self.reserve is not None:
+                self.reserve.grant(c, granted, remaining, reset_s, now)
+            if self.reserve is not None:
+                # The block is this replica's to spend: the client can count on it.
+                remaining = min(c.quota.capacity, remaining + self.reserve.held(c.key))
+            states.append(BucketState(remaining, reset_s, -1.0 if retry < 0 else retry / 1e6))
         return Decision(admitted, states, "redis", _denier(charges, states))
 
     def _fallback(self, charges: list[Charge], lease: str) -> Decision:
@@ -419,6 +456,7 @@ class Limiter:
                                       "decisions": dict(self.decisions),
                                       "queued": self.queued,
                                       "owed_buckets": len(self._debt),
+                                      "reserved_buckets": len(self.reserve or ()),
                                       "last_redis_ms": self.last_latency_ms}
         if self.redis is None:
             return Health(State.OK, "local buckets (no Redis configured)", details)
