@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis, RedisCluster
@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from proxy.config import RateLimitConfig
 from proxy.health import Health, State
+from proxy.ratelimit.decision import BucketState, Decision
 from proxy.ratelimit.policy import Charge
 from proxy.ratelimit.reserve import Reservations
 from proxy.ratelimit.resp import RespClient
@@ -42,35 +43,6 @@ _CONCURRENT_RETRY_US = int(CONCURRENT_RETRY_S * 1_000_000)
 # Buckets whose pending corrections, or fallback use during an outage, are kept.
 _MAX_PENDING_KEYS = 10_000
 _BATCH = 64  # buckets per Redis call when sending corrections or repaying
-
-
-@dataclass(frozen=True, slots=True)
-class BucketState:
-    """One bucket after the decision."""
-
-    remaining: int
-    reset_s: float
-    retry_s: float  # 0: admits; > 0: wait this long; < 0: never (cost > capacity)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome over all of a request's charges."""
-
-    admitted: bool
-    states: list[BucketState]
-    backend: str  # redis | reserved | local | open | closed
-    denied_by: Charge | None = None
-
-    @property
-    def never(self) -> bool:
-        """Denied by a bucket that cannot ever hold this request."""
-        return any(s.retry_s < 0 for s in self.states)
-
-    @property
-    def retry_s(self) -> float:
-        """How long to wait before the request could be admitted."""
-        return max((s.retry_s for s in self.states), default=0.0)
 
 
 class LocalBuckets:
@@ -277,8 +249,7 @@ class Limiter:
             spent = reserve.take(charges, now)
             if spent is not None:
                 self.decisions["reserved"] = self.decisions.get("reserved", 0) + 1
-                return Decision(True, [BucketState(s.remaining, s.reset_s, 0.0) for s in spent],
-                                "reserved")
+                return Decision(True, spent, "reserved")
             wants = [reserve.block_size(c) for c in charges]
         decision = await self._redis_call(charges, "check", lease, wants)
         if decision is None:

@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, parse_period
+from proxy.config import DIMENSIONS, QuotaConfig, RateLimitConfig, RuleConfig, parse_period
 
 KEY_TAG = "{llm-sidecar:rl}"  # one hash tag: every key of a call in one cluster slot
 
@@ -89,21 +89,33 @@ class Policy:
     def __init__(self, cfg: RateLimitConfig) -> None:
         self.rules = tuple(compile_rule(r) for r in cfg.rules)
         self.default_max_tokens = cfg.default_max_tokens
-        # Agents, tenants and models repeat: build each bucket key once.
+        # Agents, tenants and models repeat: match the rules and build the bucket
+        # keys once per combination, then only the token costs change.
         self._keys: dict[tuple[str, str, tuple[str, ...]], str] = {}
+        self._plans: dict[tuple[str, ...], tuple[Charge, ...]] = {}
 
     def charges(self, dims: dict[str, str], tokens: int) -> list[Charge]:
         """The buckets this request takes from: 1 per requests quota or in-flight slot,
         ``tokens`` per tokens quota."""
+        scope = tuple(dims.get(d, "") for d in DIMENSIONS)
+        plan = self._plans.get(scope)
+        if plan is None:
+            if len(self._plans) >= 65_536:  # client-chosen agent ids: stay bounded
+                self._plans.clear()
+            plan = self._plans[scope] = self._plan(dict(zip(DIMENSIONS, scope, strict=True)))
+        return [Charge(c.rule, c.quota, c.key, tokens) if c.quota.kind == "tokens" else c
+                for c in plan]
+
+    def _plan(self, dims: dict[str, str]) -> tuple[Charge, ...]:
         out: list[Charge] = []
         for rule in self.rules:
             if rule.match and not rule.applies(dims):
                 continue
             values = tuple(dims.get(d, "") for d in rule.per)
             for quota in rule.quotas:
-                cost = tokens if quota.kind == "tokens" else 1
-                out.append(Charge(rule, quota, self._key(rule, quota.kind, values), cost))
-        return out
+                # Token costs are filled in per request.
+                out.append(Charge(rule, quota, self._key(rule, quota.kind, values), 1))
+        return tuple(out)
 
     def _key(self, rule: Rule, kind: str, values: tuple[str, ...]) -> str:
         cache_key = (rule.name, kind, values)

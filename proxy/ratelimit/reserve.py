@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from proxy.ratelimit.decision import BucketState
 from proxy.ratelimit.policy import Charge
 
 
@@ -37,14 +38,6 @@ class _Block:
     remaining: int  # the bucket's own remaining units when the block was granted
     reset_s: float  # the bucket's time to full when the block was granted
     granted_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Spent:
-    """What a request admitted from reservations sees of each bucket."""
-
-    remaining: int
-    reset_s: float
 
 
 class Reservations:
@@ -73,7 +66,7 @@ class Reservations:
             return 0  # plenty left: this call was made for another bucket's sake
         return size
 
-    def take(self, charges: list[Charge], now: float) -> list[Spent] | None:
+    def take(self, charges: list[Charge], now: float) -> list[BucketState] | None:
         """Admit from blocks alone if every charge is covered, else take nothing."""
         blocks = []
         for c in charges:
@@ -86,8 +79,8 @@ class Reservations:
             block.units -= c.cost
             # As the bucket stood when the block was granted, plus what is left of
             # the block: an estimate, since other replicas spend meanwhile.
-            out.append(Spent(min(c.quota.capacity, block.remaining + max(0, block.units)),
-                             max(0.0, block.reset_s - (now - block.granted_at))))
+            out.append(BucketState(min(c.quota.capacity, block.remaining + max(0, block.units)),
+                                   max(0.0, block.reset_s - (now - block.granted_at)), 0.0))
         return out
 
     def grant(self, charge: Charge, units: int, remaining: int, reset_s: float,

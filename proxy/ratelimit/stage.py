@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy.context import AttributeValue, RequestContext, Stage
-from proxy.ratelimit.limiter import BucketState, Decision, Limiter
+from proxy.ratelimit.decision import BucketState, Decision
+from proxy.ratelimit.limiter import Limiter
 from proxy.ratelimit.policy import Charge, Policy, format_duration
 from proxy.wire import errors
 from proxy.wire.canonical import CanonicalRequest, Endpoint
@@ -196,8 +197,8 @@ class LimitStage(Stage):
             else:
                 delta = 0  # no usage reported (a stream cut short): the estimate stands
             if delta:
-                corrections = [replace(c, cost=delta) for c in charged.tokens]
-        releases = [replace(c, cost=-1) for c in charged.slots]
+                corrections = [Charge(c.rule, c.quota, c.key, delta) for c in charged.tokens]
+        releases = [Charge(c.rule, c.quota, c.key, -1) for c in charged.slots]
         if corrections or releases:
             await self.limiter.settle(corrections, releases, charged.lease, charged.backend)
 
@@ -217,16 +218,26 @@ def _queue_budget(charges: list[Charge], decision: Decision) -> float:
 
 def _openai_headers(charges: list[Charge], states: list[BucketState]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the tightest requests and tokens buckets."""
-    headers: dict[str, str] = {}
-    for kind in ("requests", "tokens"):
-        pairs = [(c, s) for c, s in zip(charges, states, strict=True) if c.quota.kind == kind]
-        if not pairs:
+    tightest: dict[str, tuple[float, Charge, BucketState]] = {}
+    for c, s in zip(charges, states, strict=True):
+        kind = c.quota.kind
+        if kind == "concurrent":
             continue
-        charge, state = min(pairs, key=lambda p: p[1].remaining / p[0].quota.capacity)
-        headers[f"x-ratelimit-limit-{kind}"] = str(charge.quota.amount)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
-        headers[f"x-ratelimit-reset-{kind}"] = format_duration(state.reset_s)
+        share = s.remaining / c.quota.capacity
+        held = tightest.get(kind)
+        if held is None or share < held[0]:
+            tightest[kind] = (share, c, s)
+    headers: dict[str, str] = {}
+    for kind, (_, charge, state) in tightest.items():
+        names = _HEADER_NAMES[kind]
+        headers[names[0]] = str(charge.quota.amount)
+        headers[names[1]] = str(state.remaining)
+        headers[names[2]] = format_duration(state.reset_s)
     return headers
+
+
+_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+                        f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
 
 
 def _denied(decision: Decision, headers: dict[str, str]) -> web.Response:
