@@ -647,7 +647,9 @@ def checks(r: RateLimitResults) -> list[Check]:
     decisions = r.limiter.get("details", {}).get("decisions", {})
     out.append(Check("decisions made in Redis",
                      "; ".join(r.fallback) if r.fallback else
-                     f"{decisions.get('redis', 0)} redis decisions, no other backend, "
+                     f"{decisions.get('redis', 0)} by a Redis call, "
+                     f"{decisions.get('reserved', 0)} from blocks reserved in Redis, none "
+                     "elsewhere, "
                      f"{r.redis.get('evalsha_failed', 0)} failed script calls",
                      f"all {r.expected_decisions} requests", not r.fallback))
     want = expected_keys()
