@@ -202,7 +202,7 @@ class Instruments:
         self.ratelimit_decisions = _Counter(
             "llm_sidecar.ratelimit.decisions", "{decision}",
             "Rate-limit decisions by outcome (admitted, queued = admitted after a hold, "
-            "denied, too_large, unavailable), denying rule and backend (redis, local, "
+            "denied, too_large, unavailable), denying rule and backend (redis, reserved, local, "
             "open, closed).",
             ("llm_sidecar.ratelimit.outcome", "llm_sidecar.ratelimit.rule",
              "llm_sidecar.ratelimit.backend"))
