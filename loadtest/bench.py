@@ -219,7 +219,9 @@ def start_servers(log_dir: Path, cpu: int | None) -> dict[str, Server]:
             "relay", [py, "-m", "loadtest.relay_baseline", "--host", HOST, "--port", str(port),
                       "--upstream", upstream], port, "/v1/models", log_dir, cpu)
         port = free_port()
-        env = dict(os.environ, SIDECAR_LOGGING__LEVEL="warning")
+        # Cache off: every request is the same, so all but the first would be hits
+        # and this would measure the cache, not the proxy path.
+        env = dict(os.environ, SIDECAR_LOGGING__LEVEL="warning", SIDECAR_CACHE__ENABLED="false")
         # The relay forwards the client's key; so must the sidecar for a fair comparison.
         env.pop("OPENAI_API_KEY", None)
         servers["sidecar"] = start_server(
@@ -1453,8 +1455,9 @@ def render_report(r: Results, json_path: Path) -> str:
            "## Method", "",
            "- Targets: `direct` (client -> mock), `relay` (client -> `loadtest/relay_baseline.py`"
            ", a minimal aiohttp relay: the Python floor) and `sidecar` (client -> llm-sidecar ->"
-           " mock). The mock answers with zero latency in the latency runs, so differences are "
-           "pure proxy cost. All servers run on uvloop.",
+           " mock; embedded defaults except `SIDECAR_CACHE__ENABLED=false`, since the requests "
+           "repeat and would otherwise be cache hits). The mock answers with zero latency in the "
+           "latency runs, so differences are pure proxy cost. All servers run on uvloop.",
            f"- Request: the same pre-serialised {m['request_body_bytes']}-byte chat completion "
            "(gpt-4o-mini, system + user message, temperature 0) with `Authorization: Bearer "
            "sk-bench`, sent over keep-alive connections by a minimal HTTP/1.1 client on raw "
@@ -1549,8 +1552,8 @@ def telemetry_sidecar_env(**otel: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OTEL_") and k != "OPENAI_API_KEY"}
     # The OTLP exporter uses requests, which honours HTTP(S)_PROXY: stay on loopback.
-    env.update(SIDECAR_LOGGING__LEVEL="warning", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost")
+    env.update(SIDECAR_LOGGING__LEVEL="warning", SIDECAR_CACHE__ENABLED="false",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     env.update(otel)
     return env
 
@@ -2223,7 +2226,8 @@ def render_telemetry_report(r: TelemetryResults, json_path: Path) -> str:
            f"`OTEL_METRIC_EXPORT_INTERVAL={METRIC_EXPORT_INTERVAL_MS}`: traces and metrics over "
            "OTLP http/protobuf, the SDK's BatchSpanProcessor and PeriodicExportingMetricReader "
            "with their other defaults). Both sidecars: `llm-sidecar serve`, "
-           "`SIDECAR_LOGGING__LEVEL=warning`, no other config.",
+           "`SIDECAR_LOGGING__LEVEL=warning`, `SIDECAR_CACHE__ENABLED=false` (the requests "
+           "repeat: with the cache on they would be hits), no other config.",
            f"- Request: the same pre-serialised {m['request_body_bytes']}-byte chat completion "
            f"as the main benchmark plus `traceparent: {TRACEPARENT}` (sampled), so the sidecar "
            "continues the agent's trace: per request a SERVER span and an "

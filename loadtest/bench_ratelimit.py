@@ -181,7 +181,9 @@ def sidecar_config(redis_url: str, limited: bool,
         ratelimit["rules"] = [dict(rule) for rule in RULES]
         if reserve_share is not None:
             ratelimit["reserve_share"] = reserve_share
-    return {"identity": {"namespace": NAMESPACE}, "ratelimit": ratelimit}
+    # Cache off: the requests repeat, and hits would skip the limiter.
+    return {"identity": {"namespace": NAMESPACE}, "ratelimit": ratelimit,
+            "cache": {"enabled": False}}
 
 
 def write_config(path: Path, doc: dict[str, Any]) -> Path:

@@ -398,6 +398,7 @@ def _config(scenario: Scenario, mock_url: str, redis_url: str | None) -> dict[st
         "telemetry": {"enabled": False},
         "logging": {"level": "info"},  # "listening on" is an info line
         "ratelimit": ratelimit,
+        "cache": {"enabled": False},  # repeated prompts must reach the limiter
     }
 
 

@@ -18,7 +18,12 @@ import orjson
 from aiohttp import web
 
 from proxy import __version__
-from proxy.config import SidecarConfig
+from proxy.cache.directive import CachePolicy
+from proxy.cache.keys import KeyBuilder
+from proxy.cache.normalize import Normalizer, VolatilePatterns
+from proxy.cache.stage import CacheStage
+from proxy.cache.store import CacheStore
+from proxy.config import CacheConfig, SidecarConfig
 from proxy.context import Stage
 from proxy.health import Health, HealthRegistry, State
 from proxy.passthrough import Passthrough
@@ -88,6 +93,7 @@ class _Components:
     pipeline: Pipeline
     providers: Providers | None
     limiter: Limiter | None
+    cache: CacheStore | None
     metrics_server: MetricsServer | None
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:
@@ -109,6 +115,8 @@ class _Components:
         await self.upstream.close()
         if self.limiter is not None:
             await self.limiter.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self.providers is not None:
             await self.providers.shutdown(limit_s)
 
@@ -125,7 +133,9 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     limiter = Limiter(cfg.ratelimit) if cfg.ratelimit.rules else None
     limit = (LimitStage(Policy(cfg.ratelimit), limiter, cfg.ratelimit.max_queued)
              if limiter else None)
-    stages: list[Stage] = default_stages(cfg, limit)
+    cache_store = CacheStore(cfg.cache) if cfg.cache.enabled else None
+    cache = _cache_stage(cfg.cache, cache_store) if cache_store is not None else None
+    stages: list[Stage] = default_stages(cfg, limit, cache)
     providers = None
     if cfg.telemetry.enabled and not telemetry_disabled(env):
         providers = build_providers(env, cfg.telemetry.service_name,
@@ -145,6 +155,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())
     if limiter is not None:
         health.register("ratelimit", limiter.health)
+    if cache_store is not None:
+        health.register("cache", cache_store.health)
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream
     app[PIPELINE] = pipeline
@@ -156,7 +168,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
             app[METRICS] = metrics_server = MetricsServer(
                 providers.instruments, cfg.telemetry.prometheus_host,
                 cfg.telemetry.prometheus_port or 0)
-    components = _Components(cfg, upstream, pipeline, providers, limiter, metrics_server)
+    components = _Components(cfg, upstream, pipeline, providers, limiter, cache_store,
+                             metrics_server)
 
     async def on_shutdown(app: web.Application) -> None:
         lifecycle.stopping = True
@@ -165,6 +178,13 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     app.on_shutdown.append(on_shutdown)
     _add_routes(app, pipeline, passthrough, health)
     return app
+
+
+def _cache_stage(cfg: CacheConfig, store: CacheStore) -> CacheStage:
+    normalizer = (Normalizer(volatile=VolatilePatterns(tuple(cfg.volatile_patterns.items())))
+                  if cfg.normalized else None)
+    return CacheStage(CachePolicy(cfg), KeyBuilder(normalizer), store, cfg.share_tenants,
+                      cfg.max_entry_bytes)
 
 
 def _health_registry(cfg: SidecarConfig, upstream: Upstream, providers: Providers | None,

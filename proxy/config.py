@@ -214,12 +214,55 @@ class RateLimitConfig:
         "replica never releases it (crashed). Keep above the longest request.", gt=0))
     max_queued: int = field(default=1000, metadata=_meta(
         "Requests a replica holds at once for rules with max_wait; beyond, 429.", ge=0))
+    count_cache_hits: bool = field(default=False, metadata=_meta(
+        "Cache hits take from the quotas too (tokens as the cached answer reported). "
+        "Default: a hit costs the provider nothing, so it costs no quota."))
     reserve_share: float = field(default=0.01, metadata=_meta(
         "Share of a shared bucket's capacity a replica may take from Redis ahead of "
         "its requests (a reservation) and spend with no Redis call; never the last "
         "units of a bucket. 0: every request asks Redis.", ge=0, le=0.5))
     reserve_ttl_ms: float = field(default=1000.0, metadata=_meta(
         "An unused reservation goes back to its bucket after this long.", gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Response cache: exact and normalized tiers, in Redis behind a local LRU."""
+
+    enabled: bool = field(default=True, metadata=_meta(
+        "Answer repeated deterministic requests from the cache."))
+    redis_url: str | None = field(default=None, repr=False, metadata=_meta(
+        "Redis shared by all replicas (null: a local cache per replica)."))
+    timeout_ms: float = field(default=20.0, metadata=_meta(
+        "Budget for one cache call to Redis; past it the request goes on as a miss.", gt=0))
+    breaker_failures: int = field(default=3, metadata=_meta(
+        "Consecutive Redis failures that open the cache's circuit breaker.", gt=0))
+    breaker_reset_s: float = field(default=5.0, metadata=_meta(
+        "How long the cache's breaker stays open (local entries only meanwhile).", gt=0))
+    ttl_s: int = field(default=3600, metadata=_meta(
+        "Lifetime of an entry (x-sidecar-cache-ttl sets it per request).", gt=0))
+    max_ttl_s: int = field(default=7 * 86400, metadata=_meta(
+        "Longest lifetime a request may ask for with x-sidecar-cache-ttl.", gt=0))
+    local_max_bytes: int = field(default=64 * MiB, metadata=_meta(
+        "Size of the local LRU in front of Redis (or of the whole cache without Redis).",
+        ge=0))
+    max_entry_bytes: int = field(default=1 * MiB, metadata=_meta(
+        "Largest answer stored.", gt=0))
+    normalized: bool = field(default=True, metadata=_meta(
+        "Second tier: match prompts equal after normalizing case, whitespace, Unicode "
+        "forms, trailing punctuation and volatile values (timestamps, ids)."))
+    volatile_patterns: dict[str, str] = field(default_factory=dict, metadata=_meta(
+        "More volatile values for the normalized tier, name: regex (e.g. ticket: "
+        "'TICKET-\\d+'); matches compare equal."))
+    deterministic_models: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Model globs whose requests are deterministic without temperature 0 (their "
+        "default), so cached when temperature is absent."))
+    always_models: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Model globs cached whatever the sampling settings (as if every request sent "
+        "x-sidecar-cache: on)."))
+    share_tenants: bool = field(default=False, metadata=_meta(
+        "Entries are shared by every API key of this namespace (default: each tenant "
+        "sees only its own)."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +275,7 @@ class SidecarConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: str = field(default="embedded defaults", compare=False,
                         metadata=_meta("(set by the loader)"))
 
@@ -426,6 +470,19 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
     if not cfg.identity.agent_header.strip():
         problems.append("identity.agent_header: must not be empty")
     _check_rules(cfg.ratelimit, problems)
+    _check_cache(cfg.cache, problems)
+
+
+def _check_cache(cache: CacheConfig, problems: list[str]) -> None:
+    for name, pattern in cache.volatile_patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"cache.volatile_patterns.{name}: not a regular expression "
+                            f"({exc})")
+    if cache.ttl_s > cache.max_ttl_s:
+        problems.append(f"cache.ttl_s: must be <= cache.max_ttl_s ({cache.max_ttl_s}), "
+                        f"got {cache.ttl_s}")
 
 
 def _check_rules(rl: RateLimitConfig, problems: list[str]) -> None:

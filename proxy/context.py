@@ -9,6 +9,7 @@ telemetry turns phases into child spans after the response is sent.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,13 @@ class RequestContext:
     first_chunk_ns: int | None = None
     finished_ns: int | None = None
     error_kind: str | None = None
-    # Per-request state of stages: telemetry (trace and span ids), limits (charges).
+    # Per-request state of stages: telemetry (trace and span ids), limits (charges),
+    # cache (keys to store the answer under).
     trace: Any = None
     limit: Any = None
+    cache: Any = None
+    # Set by a stage that wants each streamed event's data as it is relayed.
+    stream_sink: Callable[[bytes], None] | None = None
 
     @property
     def endpoint(self) -> Endpoint:

@@ -76,8 +76,8 @@ class IdentifyStage(Stage):
         return None
 
 
-class CacheStage(Stage):
-    """Response cache (exact, normalized, semantic): answers hits. No-op until issue 5."""
+class NoCacheStage(Stage):
+    """Stands in for the cache stage when the cache is off."""
 
     name = "cache"
 
@@ -94,10 +94,20 @@ class NoLimitStage(Stage):
     name = "limit"
 
 
-def default_stages(cfg: SidecarConfig, limit: Stage | None = None) -> list[Stage]:
-    """The request stages in journey order (telemetry, when on, wraps them all)."""
-    return [IdentifyStage(cfg.identity.namespace, cfg.identity.agent_header),
-            CacheStage(), RouteStage(), limit or NoLimitStage()]
+def default_stages(cfg: SidecarConfig, limit: Stage | None = None,
+                   cache: Stage | None = None) -> list[Stage]:
+    """The request stages in journey order (telemetry, when on, wraps them all).
+
+    A cache hit answers before the limit stage, so it takes no quota; with
+    ``ratelimit.count_cache_hits`` the limit stage goes first and charges hits
+    too (reconciled with the cached answer's usage).
+    """
+    identify = IdentifyStage(cfg.identity.namespace, cfg.identity.agent_header)
+    limit = limit or NoLimitStage()
+    cache = cache or NoCacheStage()
+    if cfg.ratelimit.count_cache_hits:
+        return [identify, limit, cache, RouteStage()]
+    return [identify, cache, RouteStage(), limit]
 
 
 def _overrides(stage: Stage, hook: str) -> bool:
@@ -211,7 +221,7 @@ class Pipeline:
         ctx.upstream_s += time.perf_counter() - sent
         ctx.status = resp.status
         if self.upstream.is_event_stream(resp):
-            tap = StreamTap(canonical.endpoint, hide_usage)
+            tap = StreamTap(canonical.endpoint, hide_usage, ctx.stream_sink)
             out = await self.upstream.relay(
                 ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
             ctx.stream_summary = tap.summary()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from proxy.breaker import Breaker
 from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig
-from proxy.ratelimit.limiter import Breaker, LocalBuckets
+from proxy.ratelimit.limiter import LocalBuckets
 from proxy.ratelimit.policy import KEY_TAG, Policy
 
 

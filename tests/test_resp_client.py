@@ -1,4 +1,4 @@
-"""proxy.ratelimit.resp against a real Redis: replies, pipelining, auth, reconnects."""
+"""proxy.resp against a real Redis: replies, pipelining, auth, reconnects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.ratelimit.resp import RespClient, _Incomplete, encode, parse
+from proxy.resp import RespClient, _Incomplete, encode, parse
 from tests.redis_server import RedisServer
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
-from proxy.ratelimit.resp import RespClient
+from proxy.resp import RespClient
 
 Client = Redis | RedisCluster | RespClient
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -82,11 +83,14 @@ class StreamTap:
     """
 
     __slots__ = ("_splitter", "done", "endpoint", "events", "failure", "finish_reasons",
-                 "first_ns", "hide_usage", "response_id", "response_model", "usage")
+                 "first_ns", "hide_usage", "response_id", "response_model", "sink", "usage")
 
-    def __init__(self, endpoint: Endpoint, hide_usage: bool) -> None:
+    def __init__(self, endpoint: Endpoint, hide_usage: bool,
+                 sink: Callable[[bytes], None] | None = None) -> None:
         self.endpoint = endpoint
         self.hide_usage = hide_usage
+        # Gets each event's data as received (the cache rebuilds the answer from it).
+        self.sink = sink
         self.usage: Usage | None = None
         self.done = False
         self.events = 0
@@ -129,6 +133,8 @@ class StreamTap:
                     self.usage, self.response_id, self.response_model = s.usage, s.id, s.model
                     self.finish_reasons = list(s.finish_reasons)
             return event
+        if self.sink is not None:
+            self.sink(event_data(event))
         if self.events == 1:
             if m := _ID.search(event):
                 self.response_id = m.group(1).decode()

@@ -1,9 +1,9 @@
-"""A small pipelined Redis client for the limiter's one call per request.
+"""A small pipelined Redis client for the per-request calls (limiter, cache).
 
 redis-py's asyncio client spends about 150-300 us of CPU per command here
 (pool checkout, command packing, the response reader), as much as the rest of
-the sidecar's work on a request. The limiter needs three commands (EVALSHA,
-SCRIPT LOAD, AUTH/SELECT at connect), so this client speaks RESP directly on
+the sidecar's work on a request. The sidecar needs a handful of commands
+(EVALSHA, SCRIPT LOAD, GET/MGET/SET, AUTH/SELECT at connect), so this client speaks RESP directly on
 one connection: requests are written as they come, replies are matched to
 callers in order (Redis answers a connection's commands in order), and many
 requests share the connection without waiting for each other.
@@ -175,6 +175,10 @@ class RespClient:
         if isinstance(reply, ResponseError):
             raise reply
         return reply
+
+    async def execute_command(self, *args: object) -> Any:
+        """The same as :meth:`execute`, under redis-py's name, so callers take either client."""
+        return await self.execute(*args)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: object) -> Any:
         """EVALSHA (raises NoScriptError when the server lacks the script)."""

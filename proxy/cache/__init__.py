@@ -1,0 +1,1 @@
+"""Response cache: exact, normalized and semantic tiers."""

@@ -1,0 +1,68 @@
+"""Cache keys: a hash of everything in a request that can change its answer.
+
+The exact key covers the whole body except fields that cannot change the
+answer's content: how it is delivered (``stream``, ``stream_options``), who
+asks (``user``, ``safety_identifier``, ``metadata``), and provider-side
+bookkeeping (``store``, ``service_tier``, ``prompt_cache_key``). Everything
+else stays in, including fields this code does not know: an unknown field
+might change the answer, and a missed hit costs less than a wrong one.
+
+The normalized key is the same hash after the normalized tier rewrote the
+prompt text (``proxy.cache.normalize``); both are scoped to the tenant (or
+the namespace, when tenants share) so no one is served another's answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import orjson
+
+from proxy.cache.normalize import Normalizer
+from proxy.wire.canonical import CanonicalRequest
+
+_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "safety_identifier", "metadata",
+                         "store", "service_tier", "prompt_cache_key"})
+# The prompt field of each endpoint body the normalized tier rewrites.
+_PROMPT_FIELDS = ("messages", "prompt", "input")
+PREFIX = "llm-sidecar:cache:"
+
+
+def digest(scope: str, endpoint: str, body: dict[str, Any]) -> str:
+    """A 128-bit hex digest of ``body`` (keys sorted at every depth) within ``scope``."""
+    try:
+        data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a value only the stdlib decoder accepted (huge int, lone surrogate)
+        data = json.dumps(body, sort_keys=True).encode()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(scope.encode())
+    h.update(b"\x00")
+    h.update(endpoint.encode())
+    h.update(b"\x00")
+    h.update(data)
+    return h.hexdigest()
+
+
+class KeyBuilder:
+    """Builds a request's exact key and, with a normalizer, its normalized key."""
+
+    def __init__(self, normalizer: Normalizer | None) -> None:
+        self.normalizer = normalizer
+
+    def keys(self, scope: str, canonical: CanonicalRequest) -> tuple[str, str | None]:
+        """(exact key, normalized key or None)."""
+        body = {k: v for k, v in canonical.body.items() if k not in _NOT_IN_KEY}
+        endpoint = canonical.endpoint.value
+        exact = PREFIX + "x:" + digest(scope, endpoint, body)
+        if self.normalizer is None:
+            return exact, None
+        normal = dict(body)
+        for name in _PROMPT_FIELDS:
+            value = normal.get(name)
+            if value is None:
+                continue
+            normal[name] = (self.normalizer.normalize_messages(value) if name == "messages"
+                            else self.normalizer.normalize_input(value))
+        return exact, PREFIX + "n:" + digest(scope, endpoint, normal)
