@@ -332,3 +332,46 @@ def test_cache_hits_can_be_made_to_count(sidecars: SidecarFactory, mock: Mock) -
         assert hit.headers["x-ratelimit-remaining-requests"] == "0"
         with pytest.raises(openai.RateLimitError):
             _ask(client, "counted hits")
+
+
+def test_volatile_values_in_the_system_prompt_still_hit(
+        sidecars: SidecarFactory, local: str, mock: Mock) -> None:
+    upstream = Upstream(mock)
+
+    def ask(client: openai.OpenAI, stamp: str, request_id: str) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", temperature=0, messages=[
+                {"role": "system", "content": f"Now: {stamp}. Request {request_id}."},
+                {"role": "user", "content": "List the open incidents."}])
+
+    with _client(local) as client:
+        ask(client, "2026-11-25T01:53:21Z", "req_8f3a9c0d1e2b4a5f")
+        _settled(sidecars, local)
+        hit = ask(client, "2026-11-25T02:10:07Z", "req_0b1c2d3e4f5a6b7c")
+    assert hit.headers["x-sidecar-cache"] == "hit; tier=normalized"
+    assert upstream.calls == 1
+
+
+def test_a_date_in_the_user_turn_is_the_question(sidecars: SidecarFactory, local: str,
+                                                 mock: Mock) -> None:
+    upstream = Upstream(mock)
+    with _client(local) as client:
+        _ask(client, "Which weekday is 2026-11-25?")
+        _settled(sidecars, local)
+        other = _ask(client, "Which weekday is 2026-11-26?")
+    assert other.headers["x-sidecar-cache"] == "miss"
+    assert upstream.calls == 2
+
+
+def test_answer_quoting_another_prompts_id_is_refused() -> None:
+    from proxy.cache.normalize import Normalizer
+
+    normalizer = Normalizer()
+    answer = '{"order_id": "5f0c2d9e-8a61-4c1b-9d2e-3b7a6f1e0c44", "action": "cancel"}'
+    asked_other = '{"messages": [{"role": "system", "content": "order ' \
+        '0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"}]}'
+    asked_same = asked_other.replace("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+                                     "5f0c2d9e-8a61-4c1b-9d2e-3b7a6f1e0c44")
+    assert normalizer.echoes_other_values(answer, asked_other)
+    assert not normalizer.echoes_other_values(answer, asked_same)
+    assert not normalizer.echoes_other_values("Three incidents are open.", asked_other)

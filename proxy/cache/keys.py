@@ -25,8 +25,6 @@ from proxy.wire.canonical import CanonicalRequest
 
 _NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "safety_identifier", "metadata",
                          "store", "service_tier", "prompt_cache_key"})
-# The prompt field of each endpoint body the normalized tier rewrites.
-_PROMPT_FIELDS = ("messages", "prompt", "input")
 PREFIX = "llm-sidecar:cache:"
 
 
@@ -50,6 +48,7 @@ class KeyBuilder:
 
     def __init__(self, normalizer: Normalizer | None) -> None:
         self.normalizer = normalizer
+        self._signature = normalizer.signature if normalizer is not None else ""
 
     def keys(self, scope: str, canonical: CanonicalRequest) -> tuple[str, str | None]:
         """(exact key, normalized key or None)."""
@@ -58,11 +57,12 @@ class KeyBuilder:
         exact = PREFIX + "x:" + digest(scope, endpoint, body)
         if self.normalizer is None:
             return exact, None
+        # Chat messages only: a legacy prompt is continued as written, where a
+        # trailing colon or a line break is part of what the model continues.
+        messages = body.get("messages")
+        if messages is None:
+            return exact, None
         normal = dict(body)
-        for name in _PROMPT_FIELDS:
-            value = normal.get(name)
-            if value is None:
-                continue
-            normal[name] = (self.normalizer.normalize_messages(value) if name == "messages"
-                            else self.normalizer.normalize_input(value))
-        return exact, PREFIX + "n:" + digest(scope, endpoint, normal)
+        normal["messages"] = self.normalizer.normalize_messages(messages)
+        # Entries normalized another way (other settings, an older version) never match.
+        return exact, PREFIX + "n:" + digest(scope + "\x00" + self._signature, endpoint, normal)

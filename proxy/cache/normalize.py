@@ -22,9 +22,12 @@ The steps of ``Normalizer.normalize_text``, in order:
    put the current time and a request id into every system prompt, and
    without this no two of their requests would ever share an entry. This is
    the one step that is safe only by assumption: the value must not decide
-   the answer. A prompt whose answer depends on the value itself (the
-   weekday of a date, a tool call that must carry the id) is not protected;
-   use ``volatile=None`` where that matters. Numbers in general are never
+   the answer. Two defences where it might: by default values are replaced
+   only in system and developer messages (``VOLATILE_ROLES``: where agents
+   stamp the time and ids; in a user turn the date or id is usually the
+   question), and ``echoes_other_values`` lets the cache refuse a hit whose
+   answer quotes a value the new prompt does not contain (a tool call that
+   carries the old id). ``volatile=None`` turns the step off. Numbers in general are never
    touched: every default pattern needs the shape of a date, a clock time or
    an id (a UUID; a ``req_``/``run_``/``trace_``/``span_``/``msg_`` prefix
    followed by at least 12 letters and digits with at least one digit; 32
@@ -368,6 +371,10 @@ class VolatilePatterns:
             text = regex.sub(placeholder, text)
         return text
 
+    def values(self, text: str) -> set[str]:
+        """Every volatile value in ``text``."""
+        return {m.group(0) for regex, _ in self._compiled for m in regex.finditer(text)}
+
 
 DEFAULT_PATTERNS: Final = VolatilePatterns()
 """``DEFAULT_VOLATILE``, compiled: the ``Normalizer``'s default."""
@@ -378,19 +385,36 @@ DEFAULT_PATTERNS: Final = VolatilePatterns()
 # Messages whose text is prose to rewrite; other roles (tool, function,
 # ipython...) carry data and stay exact.
 _PROSE_ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
+# Where volatile values are replaced by default: the instructions agents stamp
+# with the time or a request id. In a user turn a date or an id is usually
+# what the question is about ("what weekday is 2026-11-25?").
+VOLATILE_ROLES: Final = frozenset({"system", "developer"})
 
 
 class Normalizer:
     """Rewrites prompt text into its normalized form (see the module docstring)."""
 
-    __slots__ = ("_case", "_punctuation", "_volatile", "_whitespace")
+    __slots__ = ("_case", "_punctuation", "_volatile", "_volatile_roles", "_whitespace")
 
     def __init__(self, *, case: bool = True, whitespace: bool = True, punctuation: bool = True,
-                 volatile: VolatilePatterns | None = DEFAULT_PATTERNS) -> None:
+                 volatile: VolatilePatterns | None = DEFAULT_PATTERNS,
+                 volatile_roles: frozenset[str] = VOLATILE_ROLES) -> None:
         self._case = case
         self._whitespace = whitespace
         self._punctuation = punctuation
         self._volatile = volatile
+        self._volatile_roles = volatile_roles
+
+    def echoes_other_values(self, answer: str, request: str) -> bool:
+        """Whether ``answer`` quotes a volatile value (id, timestamp) absent from ``request``.
+
+        An entry found through the normalized tier was stored for a prompt
+        whose volatile values may differ from this one's; an answer repeating
+        them ("order 5f0c... cancelled") would be wrong here, so the hit is refused.
+        """
+        if self._volatile is None:
+            return False
+        return any(value not in request for value in self._volatile.values(answer))
 
     @property
     def signature(self) -> str:
@@ -400,13 +424,15 @@ class Normalizer:
         replica's configuration, an older version of this module).
         """
         volatile = self._volatile.signature if self._volatile is not None else "-"
+        roles = ",".join(sorted(self._volatile_roles))
         return (f"n{NORMALIZATION_VERSION}:c{self._case:d}w{self._whitespace:d}"
-                f"p{self._punctuation:d}:{volatile}")
+                f"p{self._punctuation:d}:{volatile}@{roles}")
 
-    def normalize_text(self, text: str) -> str:
-        """NFKC, volatile values, then in prose: case fold, whitespace, trailing punctuation."""
+    def normalize_text(self, text: str, volatile_values: bool = True) -> str:
+        """NFKC, volatile values (if ``volatile_values``), then in prose: case fold,
+        whitespace, trailing punctuation."""
         text = nfkc(text)
-        volatile = self._volatile
+        volatile = self._volatile if volatile_values else None
         if not (self._case or self._whitespace or self._punctuation):
             return text if volatile is None else volatile.replace(text)
         segments = split_code_segments(text)
@@ -463,14 +489,15 @@ class Normalizer:
         if not isinstance(role, str) or role not in _PROSE_ROLES or "content" not in message:
             return dict(message)
         content = message["content"]
+        volatile = role in self._volatile_roles
         if isinstance(content, str):
-            content = self.normalize_text(content)
+            content = self.normalize_text(content, volatile)
         elif isinstance(content, list):
-            content = [self._part(part) for part in content]
+            content = [self._part(part, volatile) for part in content]
         return {**message, "content": content}
 
-    def _part(self, part: Any) -> Any:
+    def _part(self, part: Any, volatile: bool) -> Any:
         if (isinstance(part, dict) and part.get("type") == "text"
                 and isinstance(part.get("text"), str)):
-            return {**part, "text": self.normalize_text(part["text"])}
+            return {**part, "text": self.normalize_text(part["text"], volatile)}
         return part

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -54,6 +55,7 @@ class CacheStage(Stage):
         self.max_entry_bytes = max_entry_bytes
         self.stored = 0
         self.not_stored = 0
+        self.refused = 0  # normalized hits whose answer quoted another prompt's ids
 
     async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
         canonical = ctx.canonical
@@ -100,6 +102,11 @@ class CacheStage(Stage):
             return None  # not ours (or damaged): a miss, and the answer overwrites it
         if not isinstance(stored, dict):
             return None
+        normalizer = self.keys.normalizer
+        if tier == "normalized" and normalizer is not None and normalizer.echoes_other_values(
+                _answer_text(stored), ctx.canonical.raw.decode("utf-8", "replace")):
+            self.refused += 1
+            return None
         now, new_id = int(time.time()), new_completion_id()
         header = f"hit; tier={tier}"
         ctx.annotate("cache.result", "hit")
@@ -136,6 +143,21 @@ class CacheStage(Stage):
             return
         await self.store.put(pending.keys, value, pending.ttl_s)
         self.stored += 1
+
+
+def _answer_text(stored: dict[str, Any]) -> str:
+    """What the model said (content, refusal, tool-call arguments), not the envelope's ids."""
+    parts: list[str] = []
+    for choice in stored.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        parts += [v for k in ("content", "refusal") if isinstance(v := message.get(k), str)]
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                parts.append(function["arguments"])
+    return "\n".join(parts)
 
 
 def _stored_form(body: bytes | None) -> bytes | None:
