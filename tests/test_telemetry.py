@@ -377,3 +377,29 @@ def test_rate_limit_span_attributes_and_metrics(sidecars: SidecarFactory,
     assert decisions == {("admitted", None): 1, ("denied", "traced-rpm"): 1}
     [(_, queued)] = rec.points("llm_sidecar.ratelimit.queued")
     assert queued.as_int == 0
+
+
+def test_cache_span_attributes_and_metrics(sidecars: SidecarFactory,
+                                           receiver: tuple[OtlpReceiver, str]) -> None:
+    rec, endpoint = receiver
+    url = sidecars.start(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    messages: Any = [{"role": "user", "content": "traced cache question"}]
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        c.chat.completions.create(model="cache-model", messages=messages, temperature=0)
+        sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())  # stored
+        c.chat.completions.create(model="cache-model", messages=messages, temperature=0)
+    _flush(sidecars, url)
+    requests = _by_name(rec.spans, "chat cache-model")
+    results = sorted((s["attributes"]["llm_sidecar.cache.result"],
+                      s["attributes"].get("llm_sidecar.cache.tier")) for s in requests)
+    assert results == [("hit", "exact"), ("miss", None)]
+    children = [s for s in rec.spans if s["name"] == "llm_sidecar.cache"
+                and s["parent_span_id"] in {r["span_id"] for r in requests}]
+    assert sorted(c["attributes"]["llm_sidecar.cache.result"] for c in children) == [
+        "hit", "miss"]
+    upstream = [s for s in rec.spans if s["name"] == "llm_sidecar.upstream"
+                and s["parent_span_id"] in {r["span_id"] for r in requests}]
+    assert len(upstream) == 1  # the hit never went upstream
+    lookups = {(a["llm_sidecar.cache.result"], a.get("llm_sidecar.cache.tier") or None):
+               p.as_int for a, p in rec.points("llm_sidecar.cache.lookups")}
+    assert lookups == {("miss", None): 1, ("hit", "exact"): 1}

@@ -211,10 +211,20 @@ class Instruments:
             "Time to decide a request's limits, including any hold in queue mode.",
             ("llm_sidecar.ratelimit.outcome", "llm_sidecar.ratelimit.backend"),
             (*_OVERHEAD_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.cache_lookups = _Counter(
+            "llm_sidecar.cache.lookups", "{lookup}",
+            "Response-cache lookups by result (hit, miss) and tier (exact, normalized; "
+            "empty for a miss).",
+            ("llm_sidecar.cache.result", "llm_sidecar.cache.tier"))
+        self.cache_duration = _Histogram(
+            "llm_sidecar.cache.duration", "s",
+            "Time to look a request up in the cache (local LRU, then Redis).",
+            ("llm_sidecar.cache.result",), _OVERHEAD_BUCKETS)
         self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
             self.passthrough_requests, self.upstream_errors, self.overhead,
-            self.ratelimit_decisions, self.ratelimit_duration]
+            self.ratelimit_decisions, self.ratelimit_duration, self.cache_lookups,
+            self.cache_duration]
         self._models: dict[str, str] = {}
 
     def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
@@ -226,6 +236,11 @@ class Instruments:
         """Record one rate-limit decision (``rule``: the denying rule, "" if admitted)."""
         self.ratelimit_decisions.add((outcome, rule, backend))
         self.ratelimit_duration.record(duration_s, (outcome, backend))
+
+    def cache_looked_up(self, result: str, tier: str, duration_s: float) -> None:
+        """Record one cache lookup (``tier``: the tier that hit, "" for a miss)."""
+        self.cache_lookups.add((result, tier))
+        self.cache_duration.record(duration_s, (result,))
 
     def model_label(self, model: str | None) -> str:
         """A bounded label value for a client-supplied model name."""

@@ -152,6 +152,11 @@ class TelemetryStage(Stage):
                                    str(attrs.get("ratelimit.rule", "")),
                                    str(attrs.get("ratelimit.backend", "")),
                                    (phase.end_ns - phase.start_ns) / 1e9)
+            elif phase.name == "cache":
+                attrs = phase.attributes
+                ins.cache_looked_up(str(attrs.get("cache.result", "")),
+                                    str(attrs.get("cache.tier", "")),
+                                    (phase.end_ns - phase.start_ns) / 1e9)
         ins.request_done(RequestMeasurements(
             operation=ctx.endpoint.operation, model=ctx.canonical.model,
             status=ctx.status or 0, error=error, upstream_error=ctx.error_kind,
