@@ -21,6 +21,7 @@ from loadtest.mock_upstream import MockConfig, MockUpstream
 from proxy.app import build_app
 from proxy.config import ServerConfig, SidecarConfig, UpstreamConfig
 from proxy.server import running
+from tests.redis_server import RedisServer
 
 T = TypeVar("T")
 
@@ -107,6 +108,15 @@ def direct(mock: Mock) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=mock.url, api_key="sk-test-client", max_retries=0,
                        timeout=20) as c:
         yield c
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
+    """A private redis-server for one test (stoppable: fault injection)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

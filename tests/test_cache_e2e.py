@@ -33,14 +33,6 @@ def local(sidecars: SidecarFactory) -> str:
     return sidecars.start()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def _client(url: str, key: str = "sk-cache-a") -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)
 

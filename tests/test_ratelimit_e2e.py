@@ -28,14 +28,6 @@ def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
     factory.close()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def _seconds(duration: str) -> float:
     import re
     if duration.endswith("ms"):
