@@ -1889,7 +1889,8 @@ def telemetry_added(runs: dict[str, dict[str, Any]], q: str) -> float:
     return float(runs[OTEL]["latency_ms"][q] - runs[OFF]["latency_ms"][q])
 
 
-def _errors_by_scenario(r: TelemetryResults) -> dict[str, int]:
+def errors_by_scenario(r: Results) -> dict[str, int]:
+    """Failed requests per ``scenario/target`` (open loops and the closed loop)."""
     found: dict[str, int] = {}
     scenarios = [*((f"open {rate}", runs) for rate, runs in r.open_loop.items()),
                  ("closed", r.closed_loop)]
@@ -1917,7 +1918,7 @@ def telemetry_checks(r: TelemetryResults) -> list[Check]:
         if rate != TELEMETRY_KEY_RATE:
             name, limit = name + " (context)", limit + " (target is set at 500 req/s only)"
         out.append(Check(name, f"{p99:.3f} ms", limit, p99 <= MAX_TELEMETRY_ADDED_P99_MS))
-    errs = _errors_by_scenario(r)
+    errs = errors_by_scenario(r)
     out.append(Check("zero errors", ", ".join(f"{k}: {v}" for k, v in errs.items()) or "0",
                      "0", not errs))
     sent = sum(doc["otel_requests"] for k, doc in r.exports.items() if k.startswith("open"))

@@ -82,6 +82,7 @@ from loadtest.bench import (
     chat_body,
     closed_loop,
     cpu_ms_per_request,
+    errors_by_scenario,
     free_port,
     git_revision,
     machine_info,
@@ -610,18 +611,6 @@ def _script_row(r: RateLimitResults, buckets: int, outcome: str) -> bench_lua.Sc
     return next((x for x in r.script if x.buckets == buckets and x.outcome == outcome), None)
 
 
-def _errors(r: RateLimitResults) -> dict[str, int]:
-    found: dict[str, int] = {}
-    scenarios = [*((f"open {rate}", runs) for rate, runs in r.open_loop.items()),
-                 ("closed", r.closed_loop)]
-    for label, runs in scenarios:
-        for name, doc in runs.items():
-            n = sum(doc["errors"].values())
-            if n:
-                found[f"{label}/{name}"] = n
-    return found
-
-
 def expected_keys() -> dict[str, int]:
     """Bucket keys per ``rule:kind`` that one request per agent must leave in Redis."""
     return {f"{rule['name']}:{kind}": len(AGENTS) if "agent" in rule.get("per", ()) else 1
@@ -660,7 +649,7 @@ def checks(r: RateLimitResults) -> list[Check]:
                      ", ".join(f"{k} {n}" for k, n in keys.items()) or "none",
                      ", ".join(f"{k} {n}" for k, n in want.items()),
                      all(keys.get(k) == n for k, n in want.items())))
-    errs = _errors(r)
+    errs = errors_by_scenario(r)
     out.append(Check("zero errors (every request admitted)",
                      ", ".join(f"{k}: {v}" for k, v in errs.items()) or "0", "0", not errs))
     return out

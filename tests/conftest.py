@@ -119,6 +119,15 @@ def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server shared by one test module's tests."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def run_async() -> Callable[[Coroutine[Any, Any, T]], T]:
     """Run a coroutine on a fresh loop in the test thread (for AsyncOpenAI tests)."""

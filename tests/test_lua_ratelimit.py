@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,9 @@ SECOND_US = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+def redis_server(module_redis: RedisServer) -> RedisServer:
+    """One Redis for the whole module (each test flushes it first)."""
+    return module_redis
 
 
 def run(server: RedisServer, steps: Any) -> Any:

@@ -24,11 +24,9 @@ HOUR = "1h"  # refill so slow (per hour) that nothing comes back during a test
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+def redis_server(module_redis: RedisServer) -> RedisServer:
+    """One Redis for the whole module (each test flushes it first)."""
+    return module_redis
 
 
 @pytest.fixture(scope="module")
