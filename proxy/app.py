@@ -19,13 +19,18 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cache.directive import CachePolicy
+from proxy.cache.embedder import StaticEmbedder
+from proxy.cache.guard import Guard
 from proxy.cache.keys import KeyBuilder
 from proxy.cache.normalize import Normalizer, VolatilePatterns
+from proxy.cache.semantic import SemanticTier, Thresholds
+from proxy.cache.semantic_feed import SemanticFeed
+from proxy.cache.semantic_index import SemanticIndex
 from proxy.cache.stage import CacheStage
 from proxy.cache.store import CacheStore
 from proxy.config import CacheConfig, SidecarConfig
 from proxy.context import Stage
-from proxy.health import Health, HealthRegistry, State
+from proxy.health import Check, Health, HealthRegistry, State
 from proxy.passthrough import Passthrough
 from proxy.pipeline import Pipeline, default_stages
 from proxy.ratelimit.limiter import Limiter
@@ -94,6 +99,7 @@ class _Components:
     providers: Providers | None
     limiter: Limiter | None
     cache: CacheStore | None
+    feed: SemanticFeed | None
     metrics_server: MetricsServer | None
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:
@@ -104,6 +110,8 @@ class _Components:
             await self.providers.start()
         if self.limiter is not None:
             await self.limiter.start()
+        if self.feed is not None:
+            await self.feed.start()
         log.info("upstream pool open for %s", self.upstream.host)
         if self.metrics_server is not None:
             log.info("prometheus metrics on %s", await self.metrics_server.start())
@@ -115,6 +123,8 @@ class _Components:
         await self.upstream.close()
         if self.limiter is not None:
             await self.limiter.close()
+        if self.feed is not None:
+            await self.feed.close()
         if self.cache is not None:
             await self.cache.close()
         if self.providers is not None:
@@ -135,6 +145,7 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
              if limiter else None)
     cache_store = CacheStore(cfg.cache) if cfg.cache.enabled else None
     cache = _cache_stage(cfg.cache, cache_store) if cache_store is not None else None
+    feed = cache.feed if cache is not None else None
     stages: list[Stage] = default_stages(cfg, limit, cache)
     providers = None
     if cfg.telemetry.enabled and not telemetry_disabled(env):
@@ -157,6 +168,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
         health.register("ratelimit", limiter.health)
     if cache_store is not None:
         health.register("cache", cache_store.health)
+    if cache is not None and cache.semantic is not None:
+        health.register("semantic_index", _index_health(cache.semantic, feed))
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream
     app[PIPELINE] = pipeline
@@ -168,7 +181,7 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
             app[METRICS] = metrics_server = MetricsServer(
                 providers.instruments, cfg.telemetry.prometheus_host,
                 cfg.telemetry.prometheus_port or 0)
-    components = _Components(cfg, upstream, pipeline, providers, limiter, cache_store,
+    components = _Components(cfg, upstream, pipeline, providers, limiter, cache_store, feed,
                              metrics_server)
 
     async def on_shutdown(app: web.Application) -> None:
@@ -183,8 +196,27 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
 def _cache_stage(cfg: CacheConfig, store: CacheStore) -> CacheStage:
     normalizer = (Normalizer(volatile=VolatilePatterns(tuple(cfg.volatile_patterns.items())))
                   if cfg.normalized else None)
+    semantic = feed = None
+    if cfg.semantic:
+        embedder = StaticEmbedder.packaged()
+        index = SemanticIndex(embedder.dims, cfg.semantic_max_entries)
+        semantic = SemanticTier(embedder, Guard(enabled=cfg.semantic_guard), index,
+                                Thresholds(cfg.semantic_threshold, cfg.semantic_thresholds),
+                                max_chars=cfg.semantic_max_chars)
+        if cfg.redis_url:
+            feed = SemanticFeed(cfg.redis_url, index, timeout_s=cfg.timeout_ms / 1000)
     return CacheStage(CachePolicy(cfg), KeyBuilder(normalizer), store, cfg.share_tenants,
-                      cfg.max_entry_bytes)
+                      cfg.max_entry_bytes, semantic, feed)
+
+
+def _index_health(semantic: SemanticTier, feed: SemanticFeed | None) -> Check:
+    async def check() -> Health:
+        if feed is not None:
+            return feed.health()
+        index = semantic.index
+        return Health(State.OK, "", {"entries": len(index), "contexts": index.contexts,
+                                     "backend": "local"})
+    return check
 
 
 def _health_registry(cfg: SidecarConfig, upstream: Upstream, providers: Providers | None,

@@ -227,7 +227,7 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Response cache: exact and normalized tiers, in Redis behind a local LRU."""
+    """Response cache: exact, normalized and semantic tiers, in Redis behind a local LRU."""
 
     enabled: bool = field(default=True, metadata=_meta(
         "Answer repeated deterministic requests from the cache."))
@@ -263,6 +263,24 @@ class CacheConfig:
     share_tenants: bool = field(default=False, metadata=_meta(
         "Entries are shared by every API key of this namespace (default: each tenant "
         "sees only its own)."))
+    semantic: bool = field(default=True, metadata=_meta(
+        "Third tier: answer a chat request whose last user turn means the same as a "
+        "stored one, in the same context (everything else in the request equal)."))
+    semantic_threshold: float = field(default=0.92, metadata=_meta(
+        "Cosine similarity a semantic hit needs (chosen on STS-B train/dev and a "
+        "hard-negative set; see loadtest/REPORT-semantic.md).", gt=0, le=1))
+    semantic_thresholds: dict[str, float] = field(default_factory=dict, metadata=_meta(
+        "Per model glob (first match wins), a threshold other than semantic_threshold; "
+        "1.0 turns the tier off for those models."))
+    semantic_guard: bool = field(default=True, metadata=_meta(
+        "Refuse semantic matches that differ in numbers, negation, quoted text, code "
+        "identifiers or names. Turning it off is for measurement only."))
+    semantic_max_entries: int = field(default=200_000, metadata=_meta(
+        "Prompts kept in each replica's semantic index (soonest-expiring leave first).",
+        gt=0))
+    semantic_max_chars: int = field(default=2000, metadata=_meta(
+        "Longest last user turn the semantic tier embeds (longer ones use the exact and "
+        "normalized tiers only).", gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +498,10 @@ def _check_cache(cache: CacheConfig, problems: list[str]) -> None:
         except re.error as exc:
             problems.append(f"cache.volatile_patterns.{name}: not a regular expression "
                             f"({exc})")
+    for glob, threshold in cache.semantic_thresholds.items():
+        if not 0 < threshold <= 1:
+            problems.append(f"cache.semantic_thresholds.{glob}: must be in (0, 1], "
+                            f"got {threshold}")
     if cache.ttl_s > cache.max_ttl_s:
         problems.append(f"cache.ttl_s: must be <= cache.max_ttl_s ({cache.max_ttl_s}), "
                         f"got {cache.ttl_s}")

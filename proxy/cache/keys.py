@@ -23,7 +23,7 @@ import orjson
 from proxy.cache.normalize import Normalizer
 from proxy.wire.canonical import CanonicalRequest
 
-_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "safety_identifier", "metadata",
+NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "safety_identifier", "metadata",
                          "store", "service_tier", "prompt_cache_key"})
 PREFIX = "llm-sidecar:cache:"
 
@@ -52,7 +52,7 @@ class KeyBuilder:
 
     def keys(self, scope: str, canonical: CanonicalRequest) -> tuple[str, str | None]:
         """(exact key, normalized key or None)."""
-        body = {k: v for k, v in canonical.body.items() if k not in _NOT_IN_KEY}
+        body = {k: v for k, v in canonical.body.items() if k not in NOT_IN_KEY}
         endpoint = canonical.endpoint.value
         exact = PREFIX + "x:" + digest(scope, endpoint, body)
         if self.normalizer is None:

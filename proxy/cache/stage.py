@@ -1,12 +1,16 @@
 """The cache stage: answer hits before the upstream call, store good answers after it.
 
-Chat completions only, for now. A hit is served from the stored
-``chat.completion`` as JSON or, for ``stream: true``, as an SSE stream (see
-``proxy.cache.replay``), with ``x-sidecar-cache: hit; tier=exact|normalized``.
+Chat completions only, for now. The tiers are tried in order: the exact
+and normalized keys in one store lookup, then, on a miss, the semantic tier
+(``proxy.cache.semantic``), whose hit names the key of the answer to serve.
+A hit is served from the stored ``chat.completion`` as JSON or, for
+``stream: true``, as an SSE stream (see ``proxy.cache.replay``), with
+``x-sidecar-cache: hit; tier=exact|normalized|semantic[; similarity=0.962]``.
 A miss goes upstream; once the client has its answer, the answer is stored
 under the request's exact and normalized keys if it is complete and
 successful (status 200, one choice, finished by ``stop``, ``tool_calls`` or
-``length``; a stream cut short or filtered is not stored).
+``length``; a stream cut short or filtered is not stored), and its prompt is
+indexed for the semantic tier (and published to the other replicas).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from proxy.cache.assemble import ChatStreamAssembler
 from proxy.cache.directive import CACHE_HEADER, BadCacheHeader, CachePolicy
 from proxy.cache.keys import KeyBuilder
 from proxy.cache.replay import fresh_completion, new_completion_id, sse_chunks
+from proxy.cache.semantic import Probe, SemanticTier
+from proxy.cache.semantic_feed import SemanticFeed
 from proxy.cache.store import CacheStore
 from proxy.context import RequestContext, Stage
 from proxy.wire import errors
@@ -29,6 +35,7 @@ from proxy.wire.canonical import Endpoint
 from proxy.wire.usage import ResponseSummary
 
 TIERS = ("exact", "normalized")
+_SWEEP_EVERY_S = 1.0
 _STORED_FINISH = frozenset({"stop", "tool_calls", "length"})
 
 
@@ -39,6 +46,7 @@ class _Pending:
     keys: list[str]
     ttl_s: int
     stream: ChatStreamAssembler | None
+    probe: Probe | None
 
 
 class CacheStage(Stage):
@@ -47,10 +55,16 @@ class CacheStage(Stage):
     name = "cache"
 
     def __init__(self, policy: CachePolicy, keys: KeyBuilder, store: CacheStore,
-                 share_tenants: bool, max_entry_bytes: int) -> None:
+                 share_tenants: bool, max_entry_bytes: int,
+                 semantic: SemanticTier | None = None,
+                 feed: SemanticFeed | None = None) -> None:
         self.policy = policy
         self.keys = keys
         self.store = store
+        self.semantic = semantic
+        self.feed = feed
+        self._next_sweep = 0.0
+        self.semantic_gone = 0  # semantic candidates whose answer had left the store
         self.share_tenants = share_tenants
         self.max_entry_bytes = max_entry_bytes
         self.stored = 0
@@ -73,29 +87,68 @@ class CacheStage(Stage):
             "" if self.share_tenants or ident is None else "/" + ident.tenant)
         exact, normal = self.keys.keys(scope, canonical)
         keys = [exact] if normal is None else [exact, normal]
+        semantic = self.semantic
+        probe = semantic.probe(scope, canonical) if semantic is not None else None
         if directive.lookup:
             started_ns = time.time_ns()
             found = await self.store.get(keys)
-            tier = TIERS[found.index] if found is not None else ""
-            ctx.record_phase("cache", started_ns, time.time_ns(),
-                             **{"cache.result": "hit" if found else "miss",
-                                **({"cache.tier": tier} if found else {})})
             if found is not None:
+                tier = TIERS[found.index]
+                ctx.record_phase("cache", started_ns, time.time_ns(),
+                                 **{"cache.result": "hit", "cache.tier": tier})
                 response = self._serve(ctx, found.value, tier)
                 if response is not None:
                     if found.where == "redis":
                         self.store.remember(keys[found.index], found.value, directive.ttl_s)
                     return response
+            elif probe is not None and semantic is not None:
+                answer = await self._semantic(ctx, semantic, probe, started_ns)
+                if answer is not None:
+                    return answer
+            else:
+                ctx.record_phase("cache", started_ns, time.time_ns(), **{"cache.result": "miss"})
         ctx.annotate("cache.result", "miss")
         ctx.response_headers[CACHE_HEADER] = "miss"
         if directive.store:
             stream = ChatStreamAssembler() if canonical.stream else None
             if stream is not None:
                 ctx.stream_sink = stream.feed_event_data
-            ctx.cache = _Pending(keys, directive.ttl_s, stream)
+            ctx.cache = _Pending(keys, directive.ttl_s, stream, probe)
         return None
 
-    def _serve(self, ctx: RequestContext, value: bytes, tier: str) -> web.Response | None:
+    async def _semantic(self, ctx: RequestContext, semantic: SemanticTier, probe: Probe,
+                        started_ns: int) -> web.StreamResponse | None:
+        now = time.time()
+        if now >= self._next_sweep:
+            semantic.index.sweep(now)
+            self._next_sweep = now + _SWEEP_EVERY_S
+        looked = semantic.lookup(probe, ctx.canonical.model, now)
+        value = None
+        if looked.outcome == "hit":
+            found = await self.store.get([looked.key])
+            if found is None:
+                # Expired or evicted from the store before the index noticed.
+                semantic.index.remove(looked.key)
+                self.semantic_gone += 1
+            else:
+                value = found.value
+                if found.where == "redis":
+                    self.store.remember(looked.key, value, self.policy.ttl_s)
+        attrs: dict[str, str | float] = {"cache.result": "hit" if value else "miss"}
+        if looked.outcome != "empty":
+            attrs |= {"cache.similarity": round(looked.similarity, 4),
+                      "cache.semantic.outcome": looked.outcome,
+                      "cache.semantic.reason": looked.reason}
+        if value is not None:
+            attrs["cache.tier"] = "semantic"
+        ctx.record_phase("cache", started_ns, time.time_ns(), **attrs)
+        if value is None:
+            return None
+        ctx.annotate("cache.similarity", round(looked.similarity, 4))
+        return self._serve(ctx, value, "semantic", looked.similarity)
+
+    def _serve(self, ctx: RequestContext, value: bytes, tier: str,
+               similarity: float | None = None) -> web.Response | None:
         try:
             stored = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -103,12 +156,14 @@ class CacheStage(Stage):
         if not isinstance(stored, dict):
             return None
         normalizer = self.keys.normalizer
-        if tier == "normalized" and normalizer is not None and normalizer.echoes_other_values(
+        if tier != "exact" and normalizer is not None and normalizer.echoes_other_values(
                 _answer_text(stored), ctx.canonical.raw.decode("utf-8", "replace")):
             self.refused += 1
             return None
         now, new_id = int(time.time()), new_completion_id()
         header = f"hit; tier={tier}"
+        if similarity is not None:
+            header += f"; similarity={similarity:.3f}"
         ctx.annotate("cache.result", "hit")
         ctx.annotate("cache.tier", tier)
         ctx.response_headers[CACHE_HEADER] = header
@@ -143,6 +198,10 @@ class CacheStage(Stage):
             return
         await self.store.put(pending.keys, value, pending.ttl_s)
         self.stored += 1
+        if pending.probe is not None and self.semantic is not None:
+            entry = self.semantic.add(pending.probe, pending.keys[0], pending.ttl_s)
+            if self.feed is not None:
+                await self.feed.publish(entry, pending.probe.vector)
 
 
 def _answer_text(stored: dict[str, Any]) -> str:

@@ -49,6 +49,8 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
 # The sidecar's own cost is sub-millisecond: buckets to match.
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                      0.025, 0.05, 0.1)
+_SIMILARITY_BUCKETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99,
+                       1.0)
 
 LabelValue = str | int
 
@@ -213,18 +215,25 @@ class Instruments:
             (*_OVERHEAD_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
         self.cache_lookups = _Counter(
             "llm_sidecar.cache.lookups", "{lookup}",
-            "Response-cache lookups by result (hit, miss) and tier (exact, normalized; "
+            "Response-cache lookups by result (hit, miss) and tier (exact, normalized, semantic; "
             "empty for a miss).",
             ("llm_sidecar.cache.result", "llm_sidecar.cache.tier"))
         self.cache_duration = _Histogram(
             "llm_sidecar.cache.duration", "s",
             "Time to look a request up in the cache (local LRU, then Redis).",
             ("llm_sidecar.cache.result",), _OVERHEAD_BUCKETS)
+        self.cache_similarity = _Histogram(
+            "llm_sidecar.cache.similarity", "1",
+            "Semantic tier: cosine similarity of the closest stored prompt in the request's "
+            "context, by outcome (hit, below_threshold, refused by the guard) and the guard's "
+            "reason (number, negation, quote, identifier, entity; empty otherwise).",
+            ("llm_sidecar.cache.semantic.outcome", "llm_sidecar.cache.semantic.reason"),
+            _SIMILARITY_BUCKETS)
         self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
             self.passthrough_requests, self.upstream_errors, self.overhead,
             self.ratelimit_decisions, self.ratelimit_duration, self.cache_lookups,
-            self.cache_duration]
+            self.cache_duration, self.cache_similarity]
         self._models: dict[str, str] = {}
 
     def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
@@ -241,6 +250,10 @@ class Instruments:
         """Record one cache lookup (``tier``: the tier that hit, "" for a miss)."""
         self.cache_lookups.add((result, tier))
         self.cache_duration.record(duration_s, (result,))
+
+    def cache_similarity_seen(self, outcome: str, reason: str, similarity: float) -> None:
+        """Record the best semantic candidate's similarity for one lookup."""
+        self.cache_similarity.record(similarity, (outcome, reason))
 
     def model_label(self, model: str | None) -> str:
         """A bounded label value for a client-supplied model name."""

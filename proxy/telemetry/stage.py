@@ -157,6 +157,11 @@ class TelemetryStage(Stage):
                 ins.cache_looked_up(str(attrs.get("cache.result", "")),
                                     str(attrs.get("cache.tier", "")),
                                     (phase.end_ns - phase.start_ns) / 1e9)
+                similarity = attrs.get("cache.similarity")
+                if isinstance(similarity, float):
+                    ins.cache_similarity_seen(str(attrs.get("cache.semantic.outcome", "")),
+                                              str(attrs.get("cache.semantic.reason", "")),
+                                              similarity)
         ins.request_done(RequestMeasurements(
             operation=ctx.endpoint.operation, model=ctx.canonical.model,
             status=ctx.status or 0, error=error, upstream_error=ctx.error_kind,
