@@ -33,7 +33,7 @@ def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
 
 @pytest.fixture(scope="module")
 def local(sidecars: SidecarFactory) -> str:
-    return sidecars.start()
+    return sidecars.start(cache=CacheConfig(semantic=True))
 
 
 def _client(url: str, key: str = "sk-semantic-a") -> openai.OpenAI:
@@ -86,7 +86,7 @@ def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, loc
     assert first.headers["x-sidecar-cache"] == "miss"
     assert SEMANTIC.fullmatch(second.headers["x-sidecar-cache"])
     similarity = float(second.headers["x-sidecar-cache"].rsplit("=", 1)[1])
-    assert 0.92 <= similarity < 1.0
+    assert 0.90 <= similarity < 1.0
     assert upstream.calls == 1
     a, b = first.parse(), second.parse()
     assert b.choices[0].message.content == a.choices[0].message.content
@@ -151,7 +151,8 @@ def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local:
 
 
 def test_semantic_tier_can_be_turned_off_per_model(sidecars: SidecarFactory, mock: Mock) -> None:
-    url = sidecars.start(cache=CacheConfig(semantic_thresholds={"gpt-4o-mini*": 1.0}))
+    url = sidecars.start(cache=CacheConfig(semantic=True,
+                                           semantic_thresholds={"gpt-4o-mini*": 1.0}))
     upstream = Upstream(mock)
     with _client(url) as client:
         _ask(client, "How do I update my billing address?")
@@ -163,7 +164,7 @@ def test_semantic_tier_can_be_turned_off_per_model(sidecars: SidecarFactory, moc
 
 def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
-    cfg = CacheConfig(redis_url=redis_server.url)
+    cfg = CacheConfig(redis_url=redis_server.url, semantic=True)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
     upstream = Upstream(mock)
     with _client(first) as a:
@@ -187,7 +188,8 @@ def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
 
 def test_expired_entry_leaves_the_semantic_tier(sidecars: SidecarFactory,
                                                 redis_server: RedisServer, mock: Mock) -> None:
-    url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, local_max_bytes=0))
+    url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, local_max_bytes=0,
+                                           semantic=True))
     upstream = Upstream(mock)
     with _client(url) as client:
         _ask(client, "How do I change my username?", extra_headers={"x-sidecar-cache-ttl": "1"})
@@ -212,7 +214,7 @@ def test_expired_entry_leaves_the_semantic_tier(sidecars: SidecarFactory,
 def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, breaker_failures=1,
-                                           timeout_ms=50))
+                                           timeout_ms=50, semantic=True))
     feed = _stage(sidecars, url).feed
     assert feed is not None and sidecars.lt.call(feed.wait_until())
     redis_server.stop()
@@ -225,3 +227,15 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
     assert upstream.calls == 1
     index = _status(sidecars, url)["semantic_index"]
     assert index["state"] == "degraded" and "semantic stream" in index["reason"]
+
+
+def test_semantic_tier_is_off_by_default(sidecars: SidecarFactory, mock: Mock) -> None:
+    url = sidecars.start()
+    upstream = Upstream(mock)
+    with _client(url) as client:
+        _ask(client, "How do I rotate my API key?")
+        _settled(sidecars, url)
+        other = _ask(client, "How can I rotate my API key?")
+    assert other.headers["x-sidecar-cache"] == "miss"
+    assert upstream.calls == 2
+    assert "semantic_index" not in _status(sidecars, url)

@@ -115,13 +115,13 @@ def test_index_searches_within_one_context_only() -> None:
 
 
 def test_index_grows_past_its_initial_capacity_and_reuses_deleted_slots() -> None:
-    index = SemanticIndex(8)
+    index = SemanticIndex(8, graph_above=32)  # flat up to 32 entries, then an HNSW graph
     rng = np.random.default_rng(1)
     vectors = [v / np.linalg.norm(v) for v in rng.normal(size=(100, 8)).astype(np.float32)]
     for i, v in enumerate(vectors):
         assert index.add(_entry(f"k{i}"), v)
     assert not index.add(_entry("k0"), vectors[0])  # idempotent by key
-    assert len(index) == 100 and index.contexts == 1
+    assert len(index) == 100 and index.contexts == 1 and index.graphs == 1
     for i in range(0, 100, 2):
         assert index.remove(f"k{i}")
     for i, v in enumerate(vectors):
@@ -131,6 +131,27 @@ def test_index_grows_past_its_initial_capacity_and_reuses_deleted_slots() -> Non
     for i in range(50):
         index.add(_entry(f"n{i}"), vectors[i])
     assert len(index) == 100
+
+
+@pytest.mark.parametrize("graph_above", [10_000, 8])
+def test_flat_and_graph_contexts_find_the_same_nearest(graph_above: int) -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(60, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = SemanticIndex(8, graph_above=graph_above)
+    for i, v in enumerate(vectors):
+        index.add(_entry(f"k{i}"), v)
+    for i in range(0, 60, 3):
+        index.remove(f"k{i}")
+    live = [i for i in range(60) if i % 3]
+    queries = rng.normal(size=(20, 8)).astype(np.float32)
+    for q in queries / np.linalg.norm(queries, axis=1, keepdims=True):
+        sims = {i: float(vectors[i] @ q) for i in live}
+        best = sorted(live, key=lambda i: -sims[i])[:3]
+        found = index.search("c1", q, 3, now=0)
+        assert [c.entry.key for c in found] == [f"k{i}" for i in best]
+        assert [c.similarity for c in found] == pytest.approx([sims[i] for i in best], abs=1e-5)
+    assert index.graphs == (1 if graph_above == 8 else 0)
 
 
 def test_index_sweeps_expired_entries_and_evicts_soonest_expiring_first() -> None:

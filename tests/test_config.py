@@ -117,3 +117,19 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
                              capture_output=True, text=True, env=env, check=False)
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
+
+
+def test_semantic_thresholds_are_checked(tmp_path: Path) -> None:
+    path = _write(tmp_path, (
+        "cache:\n  semantic: true\n  semantic_threshold: 1.5\n"
+        "  semantic_thresholds:\n    'gpt-4o*': 0\n    'o3*': high\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    problems = info.value.problems
+    assert "cache.semantic_threshold: must be <= 1, got 1.5" in problems
+    assert "cache.semantic_thresholds.o3*: must be a number, got string 'high'" in problems
+    path = _write(tmp_path, "cache:\n  semantic_thresholds:\n    'gpt-4o*': 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.problems == ["cache.semantic_thresholds.gpt-4o*: must be in (0, 1], "
+                                   "got 0.0"]
