@@ -276,8 +276,9 @@ class CacheConfig:
     semantic_guard: bool = field(default=True, metadata=_meta(
         "Refuse semantic matches that differ in numbers, negation, quoted text, code "
         "identifiers or names. Turning it off is for measurement only."))
-    semantic_max_entries: int = field(default=200_000, metadata=_meta(
-        "Prompts kept in each replica's semantic index (soonest-expiring leave first).",
+    semantic_max_entries: int = field(default=100_000, metadata=_meta(
+        "Prompts kept in each replica's semantic index (soonest-expiring leave first); "
+        "about 3 KB of memory each.",
         gt=0))
     semantic_max_chars: int = field(default=2000, metadata=_meta(
         "Longest last user turn the semantic tier embeds (longer ones use the exact and "

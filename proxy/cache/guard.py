@@ -29,6 +29,7 @@ wrongly lets through and the paraphrases it refuses.
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
@@ -106,7 +107,7 @@ class Features:
         if not all(isinstance(x, list) and all(isinstance(i, str) for i in x) for x in lists):
             raise ValueError("malformed guard features")
         return cls(tuple(value[0]), value[1], tuple(value[2]), tuple(value[3]),
-                   frozenset(value[4]), frozenset(value[5]))
+                   frozenset(value[4]), frozenset(sys.intern(w) for w in value[5]))
 
 
 class Guard:
@@ -136,7 +137,8 @@ class Guard:
                 negations += 1
         return Features(tuple(sorted(numbers)), negations, tuple(quotes), tuple(identifiers),
                         frozenset(self._entities(text, words, lowered)),
-                        frozenset(w.split("'")[0] for w in lowered))
+                        # Interned: common words are then shared by every stored entry.
+                        frozenset(sys.intern(w.split("'")[0]) for w in lowered))
 
     def _entities(self, text: str, words: list[str], lowered: list[str]) -> set[str]:
         found: set[str] = set()
