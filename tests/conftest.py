@@ -18,10 +18,12 @@ from aiohttp import web
 
 from loadtest.loop_thread import LoopThread
 from loadtest.mock_upstream import MockConfig, MockUpstream
-from proxy.app import build_app
+from proxy.app import PIPELINE, build_app
 from proxy.config import ServerConfig, SidecarConfig, UpstreamConfig
 from proxy.server import running
 from tests.redis_server import RedisServer
+
+CHAT_ROUTE = "POST /v1/chat/completions"
 
 T = TypeVar("T")
 
@@ -132,3 +134,21 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def run_async() -> Callable[[Coroutine[Any, Any, T]], T]:
     """Run a coroutine on a fresh loop in the test thread (for AsyncOpenAI tests)."""
     return asyncio.run
+
+
+class ChatCalls:
+    """Counts the chat requests the mock upstream received since creation."""
+
+    def __init__(self, mock: Mock) -> None:
+        self.mock = mock
+        self.start = mock.server.stats.requests[CHAT_ROUTE]
+
+    @property
+    def calls(self) -> int:
+        """Chat requests that reached the upstream since this counter was made."""
+        return self.mock.server.stats.requests[CHAT_ROUTE] - self.start
+
+
+def settled(sidecars: SidecarFactory, url: str) -> None:
+    """Wait until every finished request of that sidecar settled (so answers are stored)."""
+    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())

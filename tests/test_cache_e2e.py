@@ -8,12 +8,11 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.app import HEALTH, PIPELINE
+from proxy.app import HEALTH
 from proxy.config import CacheConfig, QuotaConfig, RateLimitConfig, RuleConfig
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import ChatCalls, LoopThread, Mock, SidecarFactory, settled
 from tests.redis_server import RedisServer
 
-CHAT = "POST /v1/chat/completions"
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -43,29 +42,12 @@ def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
         model="gpt-4o-mini", messages=[{"role": "user", "content": text}], **kw)
 
 
-def _settled(sidecars: SidecarFactory, url: str) -> None:
-    """Every finished request settled (so its answer is stored)."""
-    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
-
-
-class Upstream:
-    """Counts the chat requests the mock received since creation."""
-
-    def __init__(self, mock: Mock) -> None:
-        self.mock = mock
-        self.start = mock.server.stats.requests[CHAT]
-
-    @property
-    def calls(self) -> int:
-        return self.mock.server.stats.requests[CHAT] - self.start
-
-
 def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         first = _ask(client, "Name three prime numbers above 100.")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         second = _ask(client, "Name three prime numbers above 100.")
     assert first.headers["x-sidecar-cache"] == "miss"
     assert second.headers["x-sidecar-cache"] == "hit; tier=exact"
@@ -78,10 +60,10 @@ def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
 
 def test_normalized_tier_matches_case_whitespace_and_punctuation(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         _ask(client, "What is the capital of Portugal?")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         hit = _ask(client, "what is the   capital of portugal")
     assert hit.headers["x-sidecar-cache"] == "hit; tier=normalized"
     assert upstream.calls == 1
@@ -95,17 +77,17 @@ def test_normalized_tier_matches_case_whitespace_and_punctuation(
 ])
 def test_near_misses_do_not_hit(sidecars: SidecarFactory, local: str, mock: Mock,
                                 first: str, second: str) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         _ask(client, first)
-        _settled(sidecars, local)
+        settled(sidecars, local)
         other = _ask(client, second)
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2
 
 
 def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     base: list[Any] = [{"role": "system", "content": "You are terse."},
                        {"role": "user", "content": "Summarise the report."}]
     variants: list[dict[str, Any]] = [
@@ -120,35 +102,35 @@ def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Moc
         for v in variants:
             raw = client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", temperature=0, **v)
-            _settled(sidecars, local)
+            settled(sidecars, local)
             assert raw.headers["x-sidecar-cache"] == "miss", v
     assert upstream.calls == len(variants)
 
 
 def test_other_tenant_never_gets_the_entry(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local, "sk-tenant-one") as one, _client(local, "sk-tenant-two") as two:
         _ask(one, "Tenant isolation check")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         assert _ask(two, "Tenant isolation check").headers["x-sidecar-cache"] == "miss"
-        _settled(sidecars, local)
+        settled(sidecars, local)
         assert _ask(one, "Tenant isolation check").headers["x-sidecar-cache"].startswith("hit")
     assert upstream.calls == 2
 
 
 def test_only_deterministic_requests_are_cached_unless_opted_in(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         for _ in range(2):
             sampled = _ask(client, "Write a haiku", temperature=0.7)
-            _settled(sidecars, local)
+            settled(sidecars, local)
         assert "x-sidecar-cache" not in sampled.headers
         assert upstream.calls == 2
         opted = {"x-sidecar-cache": "on"}
         _ask(client, "Write a limerick", temperature=0.7, extra_headers=opted)
-        _settled(sidecars, local)
+        settled(sidecars, local)
         again = _ask(client, "Write a limerick", temperature=0.7, extra_headers=opted)
         assert again.headers["x-sidecar-cache"] == "hit; tier=exact"
         off = _ask(client, "Write a limerick", temperature=0.7,
@@ -159,12 +141,12 @@ def test_only_deterministic_requests_are_cached_unless_opted_in(
 
 def test_cache_control_no_cache_and_no_store(sidecars: SidecarFactory, local: str,
                                              mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         _ask(client, "no-store question", extra_headers={"Cache-Control": "no-store"})
-        _settled(sidecars, local)
+        settled(sidecars, local)
         assert _ask(client, "no-store question").headers["x-sidecar-cache"] == "miss"
-        _settled(sidecars, local)
+        settled(sidecars, local)
         fresh = _ask(client, "no-store question", extra_headers={"Cache-Control": "no-cache"})
         assert fresh.headers["x-sidecar-cache"] == "miss"  # looked past the entry
         assert _ask(client, "no-store question").headers["x-sidecar-cache"].startswith("hit")
@@ -184,11 +166,11 @@ def test_bad_cache_headers_get_an_openai_style_400(local: str) -> None:
 
 def test_errors_and_cut_streams_are_not_stored(sidecars: SidecarFactory, local: str,
                                                mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         with pytest.raises(openai.InternalServerError):
             _ask(client, "failing question", extra_headers={"x-mock-error": "500"})
-        _settled(sidecars, local)
+        settled(sidecars, local)
         assert _ask(client, "failing question").headers["x-sidecar-cache"] == "miss"
         with pytest.raises(openai.APIError):  # the stream breaks off mid-way
             stream = client.chat.completions.create(
@@ -197,20 +179,20 @@ def test_errors_and_cut_streams_are_not_stored(sidecars: SidecarFactory, local: 
                 extra_headers={"x-mock-disconnect": "mid-stream"})
             for _ in stream:
                 pass
-        _settled(sidecars, local)
+        settled(sidecars, local)
         assert _ask(client, "cut question").headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 4
 
 
 def test_streamed_answer_is_stored_and_replayed_both_ways(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     messages: list[Any] = [{"role": "user", "content": "What's the weather in Oslo?"}]
     with _client(local) as client:
         with client.chat.completions.stream(model="gpt-4o-mini", temperature=0,
                                             messages=messages, tools=TOOLS) as stream:
             original = stream.get_final_completion()
-        _settled(sidecars, local)
+        settled(sidecars, local)
         # A streaming client replays through the SDK's own stream helpers...
         with client.chat.completions.stream(model="gpt-4o-mini", temperature=0,
                                             messages=messages, tools=TOOLS) as stream:
@@ -234,7 +216,7 @@ def test_streamed_answer_is_stored_and_replayed_both_ways(
 def test_replayed_stream_has_usage_only_when_asked(sidecars: SidecarFactory, local: str) -> None:
     with _client(local) as client:
         _ask(client, "usage replay")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         for include in (False, True):
             chunks = list(client.chat.completions.create(
                 model="gpt-4o-mini", temperature=0, stream=True,
@@ -253,7 +235,7 @@ def test_ttl_header_sets_the_lifetime(sidecars: SidecarFactory, redis_server: Re
     with _client(url) as client:
         _ask(client, "short-lived", extra_headers={"x-sidecar-cache-ttl": "30"})
         _ask(client, "long-lived")
-        _settled(sidecars, url)
+        settled(sidecars, url)
     r = redis_sync.Redis.from_url(redis_server.url)
     ttls = sorted(r.pttl(k) for k in r.keys("llm-sidecar:cache:*") if b":sem:" not in k)
     r.close()
@@ -266,10 +248,10 @@ def test_entry_stored_by_one_sidecar_is_served_by_another(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     cfg = CacheConfig(redis_url=redis_server.url)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(first) as a, _client(second) as b:
         _ask(a, "Shared across the fleet?")
-        _settled(sidecars, first)
+        settled(sidecars, first)
         exact = _ask(b, "Shared across the fleet?")
         normal = _ask(b, "shared across the fleet")
     assert exact.headers["x-sidecar-cache"] == "hit; tier=exact"
@@ -285,16 +267,16 @@ def test_redis_stopped_mid_run_degrades_to_local_only(
 
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, breaker_failures=1,
                                            breaker_reset_s=60))
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(url) as client:
         assert _ask(client, "before the outage").headers["x-sidecar-cache"] == "miss"
-        _settled(sidecars, url)
+        settled(sidecars, url)
         redis_server.stop()
         # Stored before the outage: still answered, from the local LRU.
         assert _ask(client, "before the outage").headers["x-sidecar-cache"] == "hit; tier=exact"
         # New questions still flow (a miss each) and are kept locally meanwhile.
         assert _ask(client, "during the outage").headers["x-sidecar-cache"] == "miss"
-        _settled(sidecars, url)
+        settled(sidecars, url)
         assert _ask(client, "during the outage").headers["x-sidecar-cache"] == "hit; tier=exact"
     assert upstream.calls == 2
     base = url.removesuffix("/v1")
@@ -311,7 +293,7 @@ def test_cache_hits_take_no_quota_by_default(sidecars: SidecarFactory, mock: Moc
     with _client(url) as client:
         for _ in range(5):  # 1 miss + 4 hits: only the miss is charged
             raw = _ask(client, "quota-free hits")
-            _settled(sidecars, url)
+            settled(sidecars, url)
         assert raw.headers["x-sidecar-cache"] == "hit; tier=exact"
         assert _ask(client, "another question").headers["x-ratelimit-remaining-requests"] == "0"
 
@@ -321,7 +303,7 @@ def test_cache_hits_can_be_made_to_count(sidecars: SidecarFactory, mock: Mock) -
     url = sidecars.start(ratelimit=RateLimitConfig(rules=(rule,), count_cache_hits=True))
     with _client(url) as client:
         _ask(client, "counted hits")
-        _settled(sidecars, url)
+        settled(sidecars, url)
         hit = _ask(client, "counted hits")
         assert hit.headers["x-sidecar-cache"] == "hit; tier=exact"
         assert hit.headers["x-ratelimit-remaining-requests"] == "0"
@@ -331,7 +313,7 @@ def test_cache_hits_can_be_made_to_count(sidecars: SidecarFactory, mock: Mock) -
 
 def test_volatile_values_in_the_system_prompt_still_hit(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
 
     def ask(client: openai.OpenAI, stamp: str, request_id: str) -> Any:
         return client.chat.completions.with_raw_response.create(
@@ -341,7 +323,7 @@ def test_volatile_values_in_the_system_prompt_still_hit(
 
     with _client(local) as client:
         ask(client, "2026-11-25T01:53:21Z", "req_8f3a9c0d1e2b4a5f")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         hit = ask(client, "2026-11-25T02:10:07Z", "req_0b1c2d3e4f5a6b7c")
     assert hit.headers["x-sidecar-cache"] == "hit; tier=normalized"
     assert upstream.calls == 1
@@ -349,10 +331,10 @@ def test_volatile_values_in_the_system_prompt_still_hit(
 
 def test_a_date_in_the_user_turn_is_the_question(sidecars: SidecarFactory, local: str,
                                                  mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         _ask(client, "Which weekday is 2026-11-25?")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         other = _ask(client, "Which weekday is 2026-11-26?")
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2

@@ -14,10 +14,9 @@ import redis as redis_sync
 from proxy.app import HEALTH, PIPELINE
 from proxy.cache.stage import CacheStage
 from proxy.config import CacheConfig
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import ChatCalls, LoopThread, Mock, SidecarFactory, settled
 from tests.redis_server import RedisServer
 
-CHAT = "POST /v1/chat/completions"
 SEMANTIC = re.compile(r"hit; tier=semantic; similarity=(0\.\d{3}|1\.000)")
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "lookup_order", "description": "Find an order",
@@ -55,10 +54,6 @@ def _stage(sidecars: SidecarFactory, url: str) -> CacheStage:
     return stage
 
 
-def _settled(sidecars: SidecarFactory, url: str) -> None:
-    sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
-
-
 def _status(sidecars: SidecarFactory, url: str) -> dict[str, Any]:
     health = sidecars.apps[url][HEALTH]
     sidecars.lt.call(health.check_all())
@@ -66,22 +61,12 @@ def _status(sidecars: SidecarFactory, url: str) -> dict[str, Any]:
     return components
 
 
-class Upstream:
-    def __init__(self, mock: Mock) -> None:
-        self.mock = mock
-        self.start = mock.server.stats.requests[CHAT]
-
-    @property
-    def calls(self) -> int:
-        return self.mock.server.stats.requests[CHAT] - self.start
-
-
 def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, local: str,
                                                    mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         first = _ask(client, "How do I reset my password?")
-        _settled(sidecars, local)
+        settled(sidecars, local)
         second = _ask(client, "How can I reset my password?")
     assert first.headers["x-sidecar-cache"] == "miss"
     assert SEMANTIC.fullmatch(second.headers["x-sidecar-cache"])
@@ -95,10 +80,10 @@ def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, loc
 
 def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, local: str,
                                                       mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         first = _ask(client, "Where can I download my invoices?").parse()
-        _settled(sidecars, local)
+        settled(sidecars, local)
         with client.chat.completions.stream(
                 model="gpt-4o-mini", temperature=0,
                 messages=[{"role": "system", "content": "You are a support agent."},
@@ -119,10 +104,10 @@ def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, 
 ])
 def test_near_paraphrases_that_change_the_answer_do_not_hit(
         sidecars: SidecarFactory, local: str, mock: Mock, first: str, second: str) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(local) as client:
         _ask(client, first)
-        _settled(sidecars, local)
+        settled(sidecars, local)
         other = _ask(client, second)
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2
@@ -130,13 +115,13 @@ def test_near_paraphrases_that_change_the_answer_do_not_hit(
 
 def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local: str,
                                                 mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     question, paraphrase = "How do I close my account?", "How can I close my account?"
     earlier: list[dict[str, Any]] = [{"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello! How can I help?"}]
     with _client(local) as client, _client(local, "sk-semantic-b") as other_tenant:
         _ask(client, question)
-        _settled(sidecars, local)
+        settled(sidecars, local)
         misses = [
             _ask(client, paraphrase, system="You are a sales agent."),
             _ask(client, paraphrase, earlier=earlier),
@@ -153,10 +138,10 @@ def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local:
 def test_semantic_tier_can_be_turned_off_per_model(sidecars: SidecarFactory, mock: Mock) -> None:
     url = sidecars.start(cache=CacheConfig(semantic=True,
                                            semantic_thresholds={"gpt-4o-mini*": 1.0}))
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I update my billing address?")
-        _settled(sidecars, url)
+        settled(sidecars, url)
         other = _ask(client, "How can I update my billing address?")
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2
@@ -166,10 +151,10 @@ def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     cfg = CacheConfig(redis_url=redis_server.url, semantic=True)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(first) as a:
         _ask(a, "How do I export my data to CSV?")
-        _settled(sidecars, first)
+        settled(sidecars, first)
     [key] = _stage(sidecars, first).semantic.index.keys()  # type: ignore[union-attr]
     feed = _stage(sidecars, second).feed
     assert feed is not None and sidecars.lt.call(feed.wait_until(key))
@@ -190,10 +175,10 @@ def test_expired_entry_leaves_the_semantic_tier(sidecars: SidecarFactory,
                                                 redis_server: RedisServer, mock: Mock) -> None:
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, local_max_bytes=0,
                                            semantic=True))
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I change my username?", extra_headers={"x-sidecar-cache-ttl": "1"})
-        _settled(sidecars, url)
+        settled(sidecars, url)
         [key] = _stage(sidecars, url).semantic.index.keys()  # type: ignore[union-attr]
         r = redis_sync.Redis.from_url(redis_server.url)
         try:
@@ -218,10 +203,10 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
     feed = _stage(sidecars, url).feed
     assert feed is not None and sidecars.lt.call(feed.wait_until())
     redis_server.stop()
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I add a team member?")
-        _settled(sidecars, url)
+        settled(sidecars, url)
         hit = _ask(client, "How can I add a team member?")
     assert SEMANTIC.fullmatch(hit.headers["x-sidecar-cache"])
     assert upstream.calls == 1
@@ -231,10 +216,10 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
 
 def test_semantic_tier_is_off_by_default(sidecars: SidecarFactory, mock: Mock) -> None:
     url = sidecars.start()
-    upstream = Upstream(mock)
+    upstream = ChatCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I rotate my API key?")
-        _settled(sidecars, url)
+        settled(sidecars, url)
         other = _ask(client, "How can I rotate my API key?")
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2
