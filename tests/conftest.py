@@ -84,14 +84,15 @@ class SidecarFactory:
         self.lt.call(self.stack.aclose())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
+    """Per module, so a module's sidecars stop before its private Redis does."""
     factory = SidecarFactory(loop_thread, mock)
     yield factory
     factory.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sidecar(sidecars: SidecarFactory) -> str:
     """The default sidecar (embedded defaults, upstream = mock)."""
     return sidecars.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -10,20 +9,13 @@ import pytest
 
 from proxy.app import HEALTH
 from proxy.config import CacheConfig, QuotaConfig, RateLimitConfig, RuleConfig
-from tests.conftest import ChatCalls, LoopThread, Mock, SidecarFactory, settled
+from tests.conftest import ChatCalls, Mock, SidecarFactory, settled
 from tests.redis_server import RedisServer
 
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}]
-
-
-@pytest.fixture(scope="module")
-def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
-    factory = SidecarFactory(loop_thread, mock)
-    yield factory
-    factory.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -14,20 +13,13 @@ import redis as redis_sync
 from proxy.app import HEALTH, PIPELINE
 from proxy.cache.stage import CacheStage
 from proxy.config import CacheConfig
-from tests.conftest import ChatCalls, LoopThread, Mock, SidecarFactory, settled
+from tests.conftest import ChatCalls, Mock, SidecarFactory, settled
 from tests.redis_server import RedisServer
 
 SEMANTIC = re.compile(r"hit; tier=semantic; similarity=(0\.\d{3}|1\.000)")
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "lookup_order", "description": "Find an order",
     "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}]
-
-
-@pytest.fixture(scope="module")
-def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
-    factory = SidecarFactory(loop_thread, mock)
-    yield factory
-    factory.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +127,23 @@ def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local:
     assert upstream.calls == 1 + len(misses)
 
 
+def _assert_paraphrase_misses(sidecars: SidecarFactory, url: str, mock: Mock, first: str,
+                              paraphrase: str) -> None:
+    """The paraphrase, asked after ``first`` was stored, goes upstream."""
+    upstream = ChatCalls(mock)
+    with _client(url) as client:
+        _ask(client, first)
+        settled(sidecars, url)
+        other = _ask(client, paraphrase)
+    assert other.headers["x-sidecar-cache"] == "miss"
+    assert upstream.calls == 2
+
+
 def test_semantic_tier_can_be_turned_off_per_model(sidecars: SidecarFactory, mock: Mock) -> None:
     url = sidecars.start(cache=CacheConfig(semantic=True,
                                            semantic_thresholds={"gpt-4o-mini*": 1.0}))
-    upstream = ChatCalls(mock)
-    with _client(url) as client:
-        _ask(client, "How do I update my billing address?")
-        settled(sidecars, url)
-        other = _ask(client, "How can I update my billing address?")
-    assert other.headers["x-sidecar-cache"] == "miss"
-    assert upstream.calls == 2
+    _assert_paraphrase_misses(sidecars, url, mock, "How do I update my billing address?",
+                              "How can I update my billing address?")
 
 
 def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
@@ -216,11 +215,6 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
 
 def test_semantic_tier_is_off_by_default(sidecars: SidecarFactory, mock: Mock) -> None:
     url = sidecars.start()
-    upstream = ChatCalls(mock)
-    with _client(url) as client:
-        _ask(client, "How do I rotate my API key?")
-        settled(sidecars, url)
-        other = _ask(client, "How can I rotate my API key?")
-    assert other.headers["x-sidecar-cache"] == "miss"
-    assert upstream.calls == 2
+    _assert_paraphrase_misses(sidecars, url, mock, "How do I rotate my API key?",
+                              "How can I rotate my API key?")
     assert "semantic_index" not in _status(sidecars, url)

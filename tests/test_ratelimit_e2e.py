@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -15,17 +14,10 @@ from proxy.app import PIPELINE
 from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig
 from proxy.ratelimit.limiter import Limiter
 from proxy.ratelimit.stage import LimitStage
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import Mock, SidecarFactory
 from tests.redis_server import RedisServer
 
 MESSAGES: list[Any] = [{"role": "user", "content": "limit me"}]
-
-
-@pytest.fixture(scope="module")
-def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
-    factory = SidecarFactory(loop_thread, mock)
-    yield factory
-    factory.close()
 
 
 def _seconds(duration: str) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -15,7 +15,7 @@ from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig
 from proxy.ratelimit.limiter import Limiter
 from proxy.ratelimit.policy import Charge, Policy
 from proxy.ratelimit.reserve import Reservations
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import SidecarFactory
 from tests.redis_server import RedisServer
 from tests.test_ratelimit_e2e import _limiter, _settled
 
@@ -27,13 +27,6 @@ HOUR = "1h"  # refill so slow (per hour) that nothing comes back during a test
 def redis_server(module_redis: RedisServer) -> RedisServer:
     """One Redis for the whole module (each test flushes it first)."""
     return module_redis
-
-
-@pytest.fixture(scope="module")
-def sidecars(loop_thread: LoopThread, mock: Mock) -> Iterator[SidecarFactory]:
-    factory = SidecarFactory(loop_thread, mock)
-    yield factory
-    factory.close()
 
 
 def _cfg(server: RedisServer, rule: RuleConfig, share: float) -> RateLimitConfig:
