@@ -260,6 +260,9 @@ class CacheConfig:
     always_models: tuple[str, ...] = field(default=(), metadata=_meta(
         "Model globs cached whatever the sampling settings (as if every request sent "
         "x-sidecar-cache: on)."))
+    embeddings: bool = field(default=True, metadata=_meta(
+        "Cache embeddings per input item (a batch may be part hit; only its misses go "
+        "upstream). Embeddings are deterministic, so no opt-in is needed."))
     share_tenants: bool = field(default=False, metadata=_meta(
         "Entries are shared by every API key of this namespace (default: each tenant "
         "sees only its own)."))

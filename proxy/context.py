@@ -72,6 +72,10 @@ class RequestContext:
     cache: Any = None
     # Set by a stage that wants each streamed event's data as it is relayed.
     stream_sink: Callable[[bytes], None] | None = None
+    # Set by a stage that sent upstream a different request than the client's
+    # (a batch minus its cache hits) and must turn a 200 answer back into the
+    # client's; raises RewriteFailed when the answer cannot be mapped back.
+    rewrite_body: Callable[[bytes], bytes] | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -104,6 +108,10 @@ class RequestContext:
     def usage(self) -> Usage | None:
         """Real token usage reported by the provider, if any."""
         return self.summary().usage
+
+
+class RewriteFailed(Exception):
+    """An upstream answer a stage's ``rewrite_body`` could not map to the client's request."""
 
 
 class Stage:

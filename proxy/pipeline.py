@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import SidecarConfig
-from proxy.context import Identity, RequestContext, Stage
+from proxy.context import Identity, RequestContext, RewriteFailed, Stage
 from proxy.settle import Settler
 from proxy.upstream import Upstream, UpstreamError
 from proxy.wire import errors
@@ -239,7 +239,17 @@ class Pipeline:
             resp.release()
         ctx.upstream_s += time.perf_counter() - sent
         ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status)
-        ctx.response_body = body
+        ctx.response_body = body  # what the upstream answered (and charged for)
+        if ctx.rewrite_body is not None and resp.status == 200:
+            try:
+                body = ctx.rewrite_body(body)
+            except RewriteFailed as exc:
+                log.warning("upstream answer could not be mapped back: %s", exc)
+                ctx.error_kind = "bad_upstream_answer"
+                ctx.status = 502
+                reply = errors.upstream_failed(f"unusable answer ({exc})")
+                self._add_headers(ctx, reply.headers)
+                return reply
         headers_out = client_response_headers(resp.headers)
         self._add_headers(ctx, headers_out)
         return web.Response(status=resp.status, reason=resp.reason, body=body,

@@ -3,7 +3,8 @@
 Only answers that would come out the same again are cached: temperature 0,
 or no temperature on a model configured as deterministic by default, one
 choice (``n`` = 1), or any request the client opts in (``x-sidecar-cache:
-on``, or a model configured as always cached). The client can also say no:
+on``, or a model configured as always cached); embeddings are deterministic
+and cached unless configured off. The client can also say no:
 ``x-sidecar-cache: off`` skips the cache, ``Cache-Control: no-cache`` skips
 the lookup (the fresh answer is still stored), ``no-store`` skips storing,
 and ``x-sidecar-cache-ttl`` sets an entry's lifetime in seconds.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDictProxy
 
 from proxy.config import CacheConfig
-from proxy.wire.canonical import CanonicalRequest
+from proxy.wire.canonical import CanonicalRequest, Endpoint
 
 CACHE_HEADER = "x-sidecar-cache"
 TTL_HEADER = "x-sidecar-cache-ttl"
@@ -45,6 +46,7 @@ class CachePolicy:
         self.max_ttl_s = cfg.max_ttl_s
         self._deterministic = _globs(cfg.deterministic_models)
         self._always = _globs(cfg.always_models)
+        self._embeddings = cfg.embeddings
 
     def directive(self, headers: CIMultiDictProxy[str],
                   canonical: CanonicalRequest) -> Directive | None:
@@ -63,8 +65,11 @@ class CachePolicy:
         if n is not None and n != 1:
             return None  # several different answers by design
         model = canonical.model
-        if not (opted_in or (self._always is not None and self._always.fullmatch(model))
-                or _deterministic(body.get("temperature"), model, self._deterministic)):
+        if canonical.endpoint is Endpoint.EMBEDDINGS:
+            if not (opted_in or self._embeddings):
+                return None
+        elif not (opted_in or (self._always is not None and self._always.fullmatch(model))
+                  or _deterministic(body.get("temperature"), model, self._deterministic)):
             return None
         lookup = store = True
         control = headers.get("Cache-Control")

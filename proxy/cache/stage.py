@@ -1,6 +1,7 @@
 """The cache stage: answer hits before the upstream call, store good answers after it.
 
-Chat completions only, for now. The tiers are tried in order: the exact
+Chat completions and embeddings (per input item: ``proxy.cache.embeddings``).
+For chat, the tiers are tried in order: the exact
 and normalized keys in one store lookup, then, on a miss, the semantic tier
 (``proxy.cache.semantic``), whose hit names the key of the answer to serve.
 A hit is served from the stored ``chat.completion`` as JSON or, for
@@ -23,7 +24,8 @@ import orjson
 from aiohttp import web
 
 from proxy.cache.assemble import ChatStreamAssembler
-from proxy.cache.directive import CACHE_HEADER, BadCacheHeader, CachePolicy
+from proxy.cache.directive import CACHE_HEADER, BadCacheHeader, CachePolicy, Directive
+from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, vectors_from_answer
 from proxy.cache.keys import KeyBuilder
 from proxy.cache.replay import fresh_completion, new_completion_id, sse_chunks
 from proxy.cache.semantic import Probe, SemanticTier
@@ -35,6 +37,7 @@ from proxy.wire.canonical import Endpoint
 from proxy.wire.usage import ResponseSummary
 
 TIERS = ("exact", "normalized")
+_CACHED = frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS})
 _SWEEP_EVERY_S = 1.0
 _STORED_FINISH = frozenset({"stop", "tool_calls", "length"})
 
@@ -73,7 +76,7 @@ class CacheStage(Stage):
 
     async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
         canonical = ctx.canonical
-        if canonical.endpoint is not Endpoint.CHAT:
+        if canonical.endpoint not in _CACHED:
             return None
         try:
             directive = self.policy.directive(ctx.request.headers, canonical)
@@ -85,6 +88,8 @@ class CacheStage(Stage):
         ident = ctx.identity
         scope = (ident.namespace if ident else "") + (
             "" if self.share_tenants or ident is None else "/" + ident.tenant)
+        if canonical.endpoint is Endpoint.EMBEDDINGS:
+            return await self._embeddings(ctx, directive, scope)
         exact, normal = self.keys.keys(scope, canonical)
         keys = [exact] if normal is None else [exact, normal]
         semantic = self.semantic
@@ -114,6 +119,53 @@ class CacheStage(Stage):
             if stream is not None:
                 ctx.stream_sink = stream.feed_event_data
             ctx.cache = _Pending(keys, directive.ttl_s, stream, probe)
+        return None
+
+    async def _embeddings(self, ctx: RequestContext, directive: Directive,
+                          scope: str) -> web.StreamResponse | None:
+        batch = Batch.of(scope, ctx.canonical)
+        if batch is None:
+            return None
+        n = len(batch.items)
+        vectors: list[Vector | None] = [None] * n
+        if directive.lookup:
+            started_ns = time.time_ns()
+            found = await self.store.get_each(batch.keys)
+            vectors = [Vector.decode(v) if v is not None else None for v in found]
+            hits = n - vectors.count(None)
+            result = "hit" if hits == n else "partial" if hits else "miss"
+            attrs: dict[str, str | int] = {"cache.result": result, "cache.items": n,
+                                           "cache.items_hit": hits}
+            if hits:
+                attrs["cache.tier"] = "exact"
+            ctx.record_phase("cache", started_ns, time.time_ns(), **attrs)
+            ctx.annotate("cache.items", n)
+            ctx.annotate("cache.items_hit", hits)
+            if hits == n:
+                body = batch.answer([v for v in vectors if v is not None])
+                ctx.annotate("cache.result", "hit")
+                ctx.annotate("cache.tier", "exact")
+                ctx.response_headers[CACHE_HEADER] = "hit; tier=exact"
+                ctx.status = 200
+                ctx.response_body = body
+                return web.Response(body=body, headers={"Content-Type": "application/json",
+                                                        CACHE_HEADER: "hit; tier=exact"})
+        else:
+            hits = 0
+        # Each missing item goes upstream once, however often the batch repeats it.
+        missing: dict[str, Any] = {}
+        for key, item, vector in zip(batch.keys, batch.items, vectors, strict=True):
+            if vector is None and key not in missing:
+                missing[key] = item
+        pending = _EmbeddingsPending(batch, vectors, list(missing), list(missing.values()),
+                                     directive.ttl_s if directive.store else 0)
+        if len(missing) < n:
+            ctx.canonical.set("input", pending.sent_items)
+            ctx.rewrite_body = pending.merge
+        ctx.annotate("cache.result", "partial" if hits else "miss")
+        ctx.response_headers[CACHE_HEADER] = (f"partial; tier=exact; hits={hits}; items={n}"
+                                              if hits else "miss")
+        ctx.cache = pending
         return None
 
     async def _semantic(self, ctx: RequestContext, semantic: SemanticTier, probe: Probe,
@@ -184,9 +236,12 @@ class CacheStage(Stage):
 
     async def on_settle(self, ctx: RequestContext) -> None:
         pending = ctx.cache
-        if not isinstance(pending, _Pending):
-            return
         if ctx.status != 200 or ctx.error_kind is not None:
+            return
+        if isinstance(pending, _EmbeddingsPending):
+            await self._store_vectors(ctx, pending)
+            return
+        if not isinstance(pending, _Pending):
             return
         if pending.stream is not None:
             completion = pending.stream.result()
@@ -202,6 +257,46 @@ class CacheStage(Stage):
             entry = self.semantic.add(pending.probe, pending.keys[0], pending.ttl_s)
             if self.feed is not None:
                 await self.feed.publish(entry, pending.probe.vector)
+
+
+    async def _store_vectors(self, ctx: RequestContext, pending: _EmbeddingsPending) -> None:
+        if not pending.ttl_s:
+            return
+        fresh = pending.fresh
+        if fresh is None and ctx.response_body is not None:
+            try:
+                fresh, _ = vectors_from_answer(ctx.response_body, pending.sent_items)
+            except BadUpstreamBatch:
+                self.not_stored += 1
+                return
+        if not fresh:
+            return
+        entries = [(key, value) for key, vector in zip(pending.sent_keys, fresh, strict=True)
+                   if len(value := vector.encode()) <= self.max_entry_bytes]
+        self.not_stored += len(fresh) - len(entries)
+        await self.store.put_each(entries, pending.ttl_s)
+        self.stored += len(entries)
+
+
+@dataclass(slots=True)
+class _EmbeddingsPending:
+    """An embeddings batch with misses: what went upstream, and how to answer the client."""
+
+    batch: Batch
+    vectors: list[Vector | None]  # per item of the client's batch; None for a miss
+    sent_keys: list[str]
+    sent_items: list[Any]
+    ttl_s: int  # 0: do not store
+    fresh: list[Vector] | None = None  # the upstream's vectors, per sent item
+
+    def merge(self, body: bytes) -> bytes:
+        """The client's answer from the upstream's answer to the misses and the hits."""
+        fresh, model = vectors_from_answer(body, self.sent_items)
+        self.fresh = fresh
+        by_key = dict(zip(self.sent_keys, fresh, strict=True))
+        merged = [v if v is not None else by_key[k]
+                  for k, v in zip(self.batch.keys, self.vectors, strict=True)]
+        return self.batch.answer(merged, model or None)
 
 
 def _answer_text(stored: dict[str, Any]) -> str:

@@ -99,6 +99,7 @@ class CacheStore:
                           if cfg.redis_url.startswith(("redis://", "rediss://"))
                           else Redis.from_url(cfg.redis_url, socket_connect_timeout=connect_s))
         self.timeout_s = cfg.timeout_ms / 1000
+        self.local_ttl_s = cfg.ttl_s
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s,
                                trial_s=2 * cfg.timeout_ms / 1000, name="cache",
                                fallback="local entries only")
@@ -131,22 +132,52 @@ class CacheStore:
                 return Found(i, value, "redis")
         return None
 
+    async def get_each(self, keys: list[str]) -> list[bytes | None]:
+        """The entry under each of ``keys`` (None where absent): local first, then one MGET.
+
+        Entries found only in Redis are kept locally for the default lifetime
+        of a local copy (``ttl_s``), since Redis does not say how long they have left.
+        """
+        now = time.monotonic()
+        found = [self.local.get(key, now) for key in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        redis = self.redis
+        if not missing or redis is None or not self.breaker.allow():
+            return found
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                values = await redis.execute_command("MGET", *(keys[i] for i in missing))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return found
+        self.breaker.success()
+        for i, value in zip(missing, values or (), strict=False):
+            if isinstance(value, bytes):
+                found[i] = value
+                self.local.put(keys[i], value, self.local_ttl_s, now)
+        return found
+
     def remember(self, key: str, value: bytes, ttl_s: float) -> None:
         """Keep an entry found in Redis locally too (for the rest of its life, at most)."""
         self.local.put(key, value, ttl_s, time.monotonic())
 
     async def put(self, keys: list[str], value: bytes, ttl_s: int) -> None:
         """Store ``value`` under every key, locally and (best effort) in Redis."""
+        await self.put_each([(key, value) for key in keys], ttl_s)
+
+    async def put_each(self, entries: list[tuple[str, bytes]], ttl_s: int) -> None:
+        """Store each (key, value), locally and (best effort) in Redis."""
         now = time.monotonic()
-        for key in keys:
+        for key, value in entries:
             self.local.put(key, value, ttl_s, now)
         redis = self.redis
-        if redis is None or not self.breaker.allow():
+        if not entries or redis is None or not self.breaker.allow():
             return
         try:
             async with asyncio.timeout(self.timeout_s * 5):  # off the response path
                 await asyncio.gather(*(redis.execute_command("SET", key, value, "PX",
-                                                             ttl_s * 1000) for key in keys))
+                                                             ttl_s * 1000)
+                                       for key, value in entries))
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             return
