@@ -1,4 +1,4 @@
-"""Command line: ``llm-sidecar serve | demo | check-config | version``."""
+"""Command line: ``llm-sidecar serve | demo | warm | check-config | version``."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import asyncio
 import dataclasses
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy import __version__
 from proxy.config import ConfigError, SidecarConfig, describe_defaults, load_config
 from proxy.server import loop_factory
 
 EXIT_BAD_CONFIG = 2
+T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, int | None]) -> int | None:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when it is installed."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(coro)
@@ -72,6 +73,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run(run_demo(requests=args.requests, concurrency=args.concurrency)) or 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    import os
+
+    from proxy.warm import WarmError, count_lines, warm
+
+    cfg = _load(args.config)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    try:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        print(f"llm-sidecar warm: {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    total = None if args.file == "-" else count_lines(args.file)
+    try:
+        with stream:
+            tally = run(warm(cfg, stream, total=total, via=args.via,
+                             concurrency=args.concurrency, api_key=api_key,
+                             progress_out=sys.stderr))
+    except WarmError as exc:
+        print(f"llm-sidecar warm: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(tally.summary())
+    return 1 if tally.outcomes["failed"] or tally.outcomes["invalid"] else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``llm-sidecar`` console script."""
     parser = argparse.ArgumentParser(
@@ -96,6 +122,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=120, help="agent turns to run")
     p.add_argument("--concurrency", type=int, default=8, help="agents running at once")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "warm", help="pre-populate the shared cache from a JSONL file of requests",
+        description="Each line: a request body, or {url, body, response?, headers?} (the "
+        "OpenAI Batch API's input and output lines work as they are). Lines with a "
+        "response are stored as given; the others are looked up and their misses sent "
+        "upstream. Run with the agents' API key so entries land in their tenant's scope "
+        "(or set cache.share_tenants). Exit status 1 if any line failed or was invalid.")
+    p.add_argument("file", help="JSONL file of requests ('-': standard input)")
+    p.add_argument("--config", "-c", help="YAML config file (default $SIDECAR_CONFIG); its "
+                   "cache must use Redis unless --via is given")
+    p.add_argument("--via", metavar="URL", help="send through this running sidecar instead "
+                   "of an in-process one (responses in the file are then not used)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
+                   help="environment variable holding the API key to send (default "
+                   "OPENAI_API_KEY; never pass a key on the command line)")
+    p.set_defaults(func=_warm)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=lambda _a: print(__version__) or 0)
