@@ -215,8 +215,8 @@ class Instruments:
             (*_OVERHEAD_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
         self.cache_lookups = _Counter(
             "llm_sidecar.cache.lookups", "{lookup}",
-            "Response-cache lookups by result (hit, miss, partial) and tier (exact, normalized, semantic; "
-            "empty for a miss).",
+            "Response-cache lookups by result (hit, miss, partial) and tier (exact, "
+            "normalized, semantic; empty for a miss).",
             ("llm_sidecar.cache.result", "llm_sidecar.cache.tier"))
         self.cache_duration = _Histogram(
             "llm_sidecar.cache.duration", "s",
