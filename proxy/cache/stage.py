@@ -93,7 +93,8 @@ class CacheStage(Stage):
         exact, normal = self.keys.keys(scope, canonical)
         keys = [exact] if normal is None else [exact, normal]
         semantic = self.semantic
-        probe = semantic.probe(scope, canonical) if semantic is not None else None
+        # Embedded only when needed: an exact or normalized hit never pays for it.
+        probe: Probe | None = None
         if directive.lookup:
             started_ns = time.time_ns()
             found = await self.store.get(keys)
@@ -106,7 +107,8 @@ class CacheStage(Stage):
                     if found.where == "redis":
                         self.store.remember(keys[found.index], found.value, directive.ttl_s)
                     return response
-            elif probe is not None and semantic is not None:
+            elif semantic is not None and (
+                    probe := semantic.probe(scope, canonical)) is not None:
                 answer = await self._semantic(ctx, semantic, probe, started_ns)
                 if answer is not None:
                     return answer
@@ -115,6 +117,8 @@ class CacheStage(Stage):
         ctx.annotate("cache.result", "miss")
         ctx.response_headers[CACHE_HEADER] = "miss"
         if directive.store:
+            if probe is None and semantic is not None:
+                probe = semantic.probe(scope, canonical)
             stream = ChatStreamAssembler() if canonical.stream else None
             if stream is not None:
                 ctx.stream_sink = stream.feed_event_data
