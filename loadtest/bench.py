@@ -1066,7 +1066,8 @@ def git_revision(paths: Sequence[str] = ("proxy", "loadtest")) -> str:
     # The report and raw results themselves do not make the code dirty.
     changed = [line for line in dirty.splitlines()
                if not line.endswith(("REPORT.md", "REPORT-telemetry.md", "REPORT-ratelimit.md",
-                                     "REPORT-semantic.md",
+                                     "REPORT-semantic.md", "REPORT-cache.md",
+                                     "REPORT-workload.md",
                                      "results/"))]
     if not changed:
         return rev

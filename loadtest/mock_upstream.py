@@ -27,6 +27,8 @@ control headers:
     Close the connection without answering, or abort it after the headers and
     two chunks.
 
+``GET /v1/mock/stats`` returns the request counters (not counted itself).
+
 Run standalone with ``python -m loadtest.mock_upstream --port 8001``.
 """
 
@@ -547,10 +549,18 @@ class MockUpstream:
         echo = wrap(self._echo)
         router.add_route("*", "/v1/mock/echo", echo)
         router.add_route("*", "/v1/mock/echo/{tail:.*}", echo)
+        # Not wrapped: reading the counters must not count as a request.
+        router.add_get("/v1/mock/stats", self._stats_json)
         # Registered last: aiohttp falls through to it for unknown paths and
         # for known paths with the wrong method, like OpenAI's "Invalid URL".
         router.add_route("*", "/{tail:.*}", wrap(self._not_found))
         return app
+
+    async def _stats_json(self, request: web.Request) -> web.Response:
+        """Request counters, for benchmarks whose mock runs in another process."""
+        return web.Response(body=orjson.dumps({"requests": dict(self.stats.requests),
+                                               "cancelled": self.stats.cancelled}),
+                            content_type="application/json")
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening and return the base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
