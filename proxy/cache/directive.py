@@ -65,6 +65,8 @@ class CachePolicy:
         if n is not None and n != 1:
             return None  # several different answers by design
         model = canonical.model
+        if canonical.endpoint is Endpoint.RESPONSES and body.get("conversation") is not None:
+            return None  # the upstream appends to the conversation: a hit would skip that
         if canonical.endpoint is Endpoint.EMBEDDINGS:
             if not (opted_in or self._embeddings):
                 return None

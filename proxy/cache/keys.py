@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from proxy.cache.normalize import Normalizer
-from proxy.wire.canonical import CanonicalRequest
+from proxy.wire.canonical import CanonicalRequest, Endpoint
 
 NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "safety_identifier", "metadata",
                          "store", "service_tier", "prompt_cache_key"})
@@ -52,7 +52,9 @@ class KeyBuilder:
 
     def keys(self, scope: str, canonical: CanonicalRequest) -> tuple[str, str | None]:
         """(exact key, normalized key or None)."""
-        body = {k: v for k, v in canonical.body.items() if k not in NOT_IN_KEY}
+        # A stored response can be chained from; one the upstream did not store cannot.
+        skip = NOT_IN_KEY - {"store"} if canonical.endpoint is Endpoint.RESPONSES else NOT_IN_KEY
+        body = {k: v for k, v in canonical.body.items() if k not in skip}
         endpoint = canonical.endpoint.value
         exact = PREFIX + "x:" + digest(scope, endpoint, body)
         if self.normalizer is None:

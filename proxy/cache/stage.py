@@ -1,7 +1,8 @@
 """The cache stage: answer hits before the upstream call, store good answers after it.
 
-Chat completions and embeddings (per input item: ``proxy.cache.embeddings``).
-For chat, the tiers are tried in order: the exact
+Chat completions, Responses API answers (exact tier only;
+``proxy.cache.responses``) and embeddings (per input item:
+``proxy.cache.embeddings``). For chat, the tiers are tried in order: the exact
 and normalized keys in one store lookup, then, on a miss, the semantic tier
 (``proxy.cache.semantic``), whose hit names the key of the answer to serve.
 A hit is served from the stored ``chat.completion`` as JSON or, for
@@ -17,6 +18,7 @@ indexed for the semantic tier (and published to the other replicas).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,12 @@ from proxy.cache.directive import CACHE_HEADER, BadCacheHeader, CachePolicy, Dir
 from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, vectors_from_answer
 from proxy.cache.keys import KeyBuilder
 from proxy.cache.replay import fresh_completion, new_completion_id, sse_chunks
+from proxy.cache.responses import (
+    ResponsesStreamAssembler,
+    complete_response,
+    fresh_response,
+    response_events,
+)
 from proxy.cache.semantic import Probe, SemanticTier
 from proxy.cache.semantic_feed import SemanticFeed
 from proxy.cache.store import CacheStore
@@ -37,7 +45,7 @@ from proxy.wire.canonical import Endpoint
 from proxy.wire.usage import ResponseSummary
 
 TIERS = ("exact", "normalized")
-_CACHED = frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS})
+_CACHED = frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.RESPONSES})
 _SWEEP_EVERY_S = 1.0
 _STORED_FINISH = frozenset({"stop", "tool_calls", "length"})
 
@@ -48,7 +56,7 @@ class _Pending:
 
     keys: list[str]
     ttl_s: int
-    stream: ChatStreamAssembler | None
+    stream: ChatStreamAssembler | ResponsesStreamAssembler | None
     probe: Probe | None
 
 
@@ -119,7 +127,10 @@ class CacheStage(Stage):
         if directive.store:
             if probe is None and semantic is not None:
                 probe = semantic.probe(scope, canonical)
-            stream = ChatStreamAssembler() if canonical.stream else None
+            stream: ChatStreamAssembler | ResponsesStreamAssembler | None = None
+            if canonical.stream:
+                stream = (ResponsesStreamAssembler() if canonical.endpoint is Endpoint.RESPONSES
+                          else ChatStreamAssembler())
             if stream is not None:
                 ctx.stream_sink = stream.feed_event_data
             ctx.cache = _Pending(keys, directive.ttl_s, stream, probe)
@@ -216,7 +227,7 @@ class CacheStage(Stage):
                 _answer_text(stored), ctx.canonical.raw.decode("utf-8", "replace")):
             self.refused += 1
             return None
-        now, new_id = int(time.time()), new_completion_id()
+        now = int(time.time())
         header = f"hit; tier={tier}"
         if similarity is not None:
             header += f"; similarity={similarity:.3f}"
@@ -224,6 +235,9 @@ class CacheStage(Stage):
         ctx.annotate("cache.tier", tier)
         ctx.response_headers[CACHE_HEADER] = header
         ctx.status = 200
+        if ctx.canonical.endpoint is Endpoint.RESPONSES:
+            return self._serve_response(ctx, fresh_response(stored, now), header)
+        new_id = new_completion_id()
         if ctx.canonical.stream:
             events = sse_chunks(stored, now=now, new_id=new_id,
                                 include_usage=ctx.canonical.client_wants_usage)
@@ -238,6 +252,19 @@ class CacheStage(Stage):
         return web.Response(body=body, headers={"Content-Type": "application/json",
                                                 CACHE_HEADER: header})
 
+    @staticmethod
+    def _serve_response(ctx: RequestContext, answer: dict[str, Any],
+                        header: str) -> web.Response:
+        ctx.stream_summary = ResponseSummary.from_document(answer)
+        if ctx.canonical.stream:
+            return web.Response(body=b"".join(response_events(answer)), headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache", CACHE_HEADER: header})
+        body = orjson.dumps(answer)
+        ctx.response_body = body
+        return web.Response(body=body, headers={"Content-Type": "application/json",
+                                                CACHE_HEADER: header})
+
     async def on_settle(self, ctx: RequestContext) -> None:
         pending = ctx.cache
         if ctx.status != 200 or ctx.error_kind is not None:
@@ -247,11 +274,13 @@ class CacheStage(Stage):
             return
         if not isinstance(pending, _Pending):
             return
+        complete = (complete_response if ctx.canonical.endpoint is Endpoint.RESPONSES
+                    else _complete)
         if pending.stream is not None:
             completion = pending.stream.result()
-            value = orjson.dumps(completion) if _complete(completion) else None
+            value = orjson.dumps(completion) if complete(completion) else None
         else:
-            value = _stored_form(ctx.response_body)
+            value = _stored_form(ctx.response_body, complete)
         if value is None or len(value) > self.max_entry_bytes:
             self.not_stored += 1
             return
@@ -318,15 +347,15 @@ def _answer_text(stored: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _stored_form(body: bytes | None) -> bytes | None:
-    """The upstream JSON answer as stored, or None if it is not a complete completion."""
+def _stored_form(body: bytes | None, complete: Callable[[object], bool]) -> bytes | None:
+    """The upstream JSON answer as stored, or None if it is not a complete answer."""
     if not body:
         return None
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    return body if _complete(doc) else None
+    return body if complete(doc) else None
 
 
 def _complete(doc: object) -> bool:

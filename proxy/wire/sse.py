@@ -127,6 +127,8 @@ class StreamTap:
         if self.endpoint is Endpoint.RESPONSES:
             if b'"response.completed"' in event or b'"response.incomplete"' in event:
                 self.done = True
+                if self.sink is not None:  # the terminal event carries the whole answer
+                    self.sink(event_data(event))
                 doc = _loads(event_data(event))
                 if doc is not None:
                     s = ResponseSummary.from_document(doc.get("response"))
