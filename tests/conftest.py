@@ -153,3 +153,36 @@ class ChatCalls:
 def settled(sidecars: SidecarFactory, url: str) -> None:
     """Wait until every finished request of that sidecar settled (so answers are stored)."""
     sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
+
+
+class Scripted:
+    """An upstream whose every POST under /v1 answers with ``doc`` (a test sets it)."""
+
+    def __init__(self) -> None:
+        self.doc: Any = {}
+        self.calls = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.calls += 1
+        doc = self.doc(await request.json()) if callable(self.doc) else self.doc
+        return web.json_response(doc)
+
+
+@pytest.fixture(scope="module")
+def scripted(loop_thread: LoopThread) -> Iterator[Scripted]:
+    """A scripted upstream on a loopback port (``doc`` may be a function of the request)."""
+    upstream = Scripted()
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", upstream.handle)
+    runner = web.AppRunner(app)
+
+    async def start() -> str:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+    upstream.url = loop_thread.call(start())
+    yield upstream
+    loop_thread.call(runner.cleanup())

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from loadtest.loop_thread import LoopThread
 from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, _shares, vectors_from_answer
 from proxy.config import CacheConfig, UpstreamConfig
 from proxy.wire.canonical import Endpoint, parse_request
-from tests.conftest import Mock, SidecarFactory, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, settled
 from tests.redis_server import RedisServer
 
 ROUTE = "POST /v1/embeddings"
@@ -189,36 +186,13 @@ def test_two_sidecars_share_items_through_redis(
     assert upstream.calls == 2
 
 
-@pytest.fixture
-def short_upstream(loop_thread: LoopThread) -> Iterator[str]:
-    """An upstream that always answers one embedding, whatever the batch."""
-
-    async def one(request: web.Request) -> web.Response:
-        body = await request.json()
-        return web.json_response({"object": "list", "model": body["model"],
-                                  "data": [{"object": "embedding", "index": 0,
-                                            "embedding": [0.5, 0.25]}],
-                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
-
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", one)
-    runner = web.AppRunner(app)
-
-    async def start() -> str:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}/v1"
-
-    url = loop_thread.call(start())
-    yield url
-    loop_thread.call(runner.cleanup())
-
-
 def test_an_answer_that_cannot_be_merged_is_a_502_not_a_wrong_batch(
-        sidecars: SidecarFactory, short_upstream: str) -> None:
-    url = sidecars.start(upstream=UpstreamConfig(base_url=short_upstream))
+        sidecars: SidecarFactory, scripted: Scripted) -> None:
+    # Always one embedding, whatever the batch.
+    scripted.doc = {"object": "list", "model": MODEL, "data": [
+        {"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+    url = sidecars.start(upstream=UpstreamConfig(base_url=scripted.url))
     with _client(url) as client:
         _embed(client, "x")
         settled(sidecars, url)

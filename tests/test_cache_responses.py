@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from loadtest.loop_thread import LoopThread
 from proxy.cache.responses import ResponsesStreamAssembler, complete_response, response_events
 from proxy.config import UpstreamConfig
-from tests.conftest import Mock, SidecarFactory, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, settled
 
 ROUTE = "POST /v1/responses"
 
@@ -117,34 +114,10 @@ def test_conversation_requests_are_never_cached(sidecars: SidecarFactory, local:
     assert calls.n == 2
 
 
-class Scripted:
-    """An upstream answering /v1/responses with whatever document a test sets."""
-
-    def __init__(self) -> None:
-        self.doc: dict[str, Any] = {}
-        self.calls = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.calls += 1
-        return web.json_response(self.doc)
-
-
 @pytest.fixture(scope="module")
-def scripted(loop_thread: LoopThread, sidecars: SidecarFactory) -> Iterator[tuple[Scripted, str]]:
-    upstream = Scripted()
-    app = web.Application()
-    app.router.add_post("/v1/responses", upstream.handle)
-    runner = web.AppRunner(app)
-
-    async def start() -> str:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-
-    url = sidecars.start(upstream=UpstreamConfig(base_url=loop_thread.call(start())))
-    yield upstream, url
-    loop_thread.call(runner.cleanup())
+def rich(scripted: Scripted, sidecars: SidecarFactory) -> tuple[Scripted, str]:
+    """The scripted upstream, and a sidecar in front of it."""
+    return scripted, sidecars.start(upstream=UpstreamConfig(base_url=scripted.url))
 
 
 RICH: dict[str, Any] = {
@@ -167,8 +140,8 @@ RICH: dict[str, Any] = {
 
 
 def test_function_calls_reasoning_and_refusals_replay_through_the_sdk(
-        sidecars: SidecarFactory, scripted: tuple[Scripted, str]) -> None:
-    upstream, url = scripted
+        sidecars: SidecarFactory, rich: tuple[Scripted, str]) -> None:
+    upstream, url = rich
     upstream.doc = RICH
     before = upstream.calls
     with _client(url) as client:
@@ -185,8 +158,8 @@ def test_function_calls_reasoning_and_refusals_replay_through_the_sdk(
 
 
 def test_incomplete_responses_are_not_stored(sidecars: SidecarFactory,
-                                             scripted: tuple[Scripted, str]) -> None:
-    upstream, url = scripted
+                                             rich: tuple[Scripted, str]) -> None:
+    upstream, url = rich
     upstream.doc = RICH | {"id": "resp_cut", "status": "incomplete",
                            "incomplete_details": {"reason": "max_output_tokens"}}
     before = upstream.calls

@@ -13,9 +13,15 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from loadtest.bench import free_port
 from proxy.app import PIPELINE, TELEMETRY
-from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
+from proxy.config import (
+    QuotaConfig,
+    RateLimitConfig,
+    RuleConfig,
+    TelemetryConfig,
+    UpstreamConfig,
+)
 from proxy.telemetry.providers import TelemetryConfigError, build_providers
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from tests.conftest import LoopThread, Mock, Scripted, SidecarFactory
 from tests.otlp_receiver import OtlpReceiver
 
 AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -403,3 +409,36 @@ def test_cache_span_attributes_and_metrics(sidecars: SidecarFactory,
     lookups = {(a["llm_sidecar.cache.result"], a.get("llm_sidecar.cache.tier") or None):
                p.as_int for a, p in rec.points("llm_sidecar.cache.lookups")}
     assert lookups == {("miss", None): 1, ("hit", "exact"): 1}
+
+
+def test_a_refused_normalized_hit_counts_as_a_miss(sidecars: SidecarFactory, scripted: Scripted,
+                                                   receiver: tuple[OtlpReceiver, str]) -> None:
+    rec, endpoint = receiver
+
+    def quote_the_order(body: Any) -> Any:  # an answer that repeats the prompt's order id
+        order = body["messages"][0]["content"].split()[-1]
+        return {"id": "chatcmpl-q", "object": "chat.completion", "created": 1,
+                "model": body["model"], "usage": {"prompt_tokens": 9, "completion_tokens": 4,
+                                                  "total_tokens": 13},
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": f"Order {order} is cancelled."}}]}
+
+    scripted.doc = quote_the_order
+    url = sidecars.start(upstream=UpstreamConfig(base_url=scripted.url),
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    before = scripted.calls
+    with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+        for order in ("5f0c2d9e-8a61-4c1b-9d2e-3b7a6f1e0c44",
+                      "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"):
+            reply = c.chat.completions.with_raw_response.create(
+                model="refuse-model", temperature=0, messages=[
+                    {"role": "system", "content": f"Cancel order {order}"},
+                    {"role": "user", "content": "Cancel it."}])
+            sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
+            assert reply.headers["x-sidecar-cache"] == "miss"
+            assert order in reply.parse().choices[0].message.content
+    _flush(sidecars, url)
+    assert scripted.calls - before == 2
+    lookups = {(a["llm_sidecar.cache.result"], a.get("llm_sidecar.cache.tier") or None):
+               p.as_int for a, p in rec.points("llm_sidecar.cache.lookups")}
+    assert lookups == {("miss", None): 2}

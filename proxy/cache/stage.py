@@ -108,15 +108,16 @@ class CacheStage(Stage):
             found = await self.store.get(keys)
             if found is not None:
                 tier = TIERS[found.index]
-                ctx.record_phase("cache", started_ns, time.time_ns(),
-                                 **{"cache.result": "hit", "cache.tier": tier})
                 response = self._serve(ctx, found.value, tier)
                 if response is not None:
+                    ctx.record_phase("cache", started_ns, time.time_ns(),
+                                     **{"cache.result": "hit", "cache.tier": tier})
                     if found.where == "redis":
                         self.store.remember(keys[found.index], found.value, directive.ttl_s)
                     return response
-            elif semantic is not None and (
-                    probe := semantic.probe(scope, canonical)) is not None:
+                # Refused (its answer quotes another prompt's ids) or unreadable: not a
+                # hit, and the semantic tier may still answer.
+            if semantic is not None and (probe := semantic.probe(scope, canonical)) is not None:
                 answer = await self._semantic(ctx, semantic, probe, started_ns)
                 if answer is not None:
                     return answer
