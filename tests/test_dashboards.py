@@ -1,8 +1,10 @@
 """The Grafana dashboards in deploy/helm/dashboards, checked against a real Prometheus.
 
 A sidecar with its Prometheus listener serves a known workload (two chat
-models, a stream, embeddings, an upstream 500 and an upstream disconnect);
-a real ``prometheus`` process (Debian package, 2.42) scrapes it every second.
+models, a stream, embeddings, an upstream 500 and an upstream disconnect,
+rate-limit denials and holds, cache hits of every tier, a semantic refusal
+and an embeddings partial hit); a real ``prometheus`` process (Debian
+package, 2.42) scrapes it every second.
 Every panel query, with Grafana's variables substituted the way "All" would,
 must parse and return at least one real (non-NaN) sample.
 
@@ -29,18 +31,27 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from loadtest.bench import free_port
-from proxy.app import METRICS
-from proxy.config import QuotaConfig, RateLimitConfig, RuleConfig, TelemetryConfig
-from tests.conftest import LoopThread, Mock, SidecarFactory
+from loadtest.loop_thread import LoopThread
+from proxy.app import METRICS, PIPELINE
+from proxy.config import (
+    CacheConfig,
+    QuotaConfig,
+    RateLimitConfig,
+    RuleConfig,
+    TelemetryConfig,
+)
+from tests.conftest import Mock, SidecarFactory
 from tests.redis_server import RedisServer
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "dashboards"
 EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview",
-                 "llm-sidecar-ratelimits.json": "llm-sidecar-ratelimits"}
+                 "llm-sidecar-ratelimits.json": "llm-sidecar-ratelimits",
+                 "llm-sidecar-cache.json": "llm-sidecar-cache"}
 DEADLINE_S = 30.0
-MESSAGES = [{"role": "user", "content": "hello dashboards"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello dashboards"}]
 
 # What Grafana would put in place of its variables with "All" selected.
 SUBSTITUTIONS = {
@@ -178,7 +189,53 @@ def _wait_for(what: str, check: Callable[[], bool], api: PrometheusAPI | None,
         time.sleep(0.1)
 
 
-def _workload(base_url: str, round_no: int) -> int:
+def _cached_chat(c: openai.OpenAI, round_no: int, text: str) -> str:
+    """A cacheable chat (temperature 0) in this round's context; its x-sidecar-cache."""
+    # The round's system prompt is the semantic tier's context (and part of every
+    # key), so each round starts from an empty cache with natural user wording.
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": f"Dashboards cache round {round_no}."},
+        {"role": "user", "content": text}]
+    raw = c.chat.completions.with_raw_response.create(model="dash-cache", messages=messages,
+                                                      temperature=0)
+    raw.parse()
+    return raw.headers.get("x-sidecar-cache", "")
+
+
+def _cache_workload(c: openai.OpenAI, round_no: int, settle: Callable[[], None]) -> int:
+    """One of each cache event; ``settle`` waits until answered requests are stored."""
+
+    def chat(text: str) -> str:
+        header = _cached_chat(c, round_no, text)
+        settle()  # stored (and indexed) before the next request looks it up
+        return header
+
+    def embed(items: list[str]) -> str:
+        raw = c.embeddings.with_raw_response.create(
+            model="dash-embed", input=[f"{item} round {round_no}" for item in items])
+        raw.parse()
+        settle()
+        return raw.headers.get("x-sidecar-cache", "")
+
+    assert chat("Name three primary colours.") == "miss"
+    assert chat("Name three primary colours.") == "hit; tier=exact"
+    assert chat("What is the boiling point of water?") == "miss"
+    assert chat("  what is the boiling   point of WATER") == "hit; tier=normalized"
+    assert chat("How long should I boil an egg for a soft yolk?") == "miss"
+    semantic = chat("For a soft yolk, how long do I boil an egg?")
+    assert semantic.startswith("hit; tier=semantic; similarity="), semantic
+    assert float(semantic.rpartition("=")[2]) >= 0.9, semantic
+    # Close enough to the 3-weeks prompt, but the guard refuses (reason: number).
+    assert chat("How many days are there in 3 weeks?") == "miss"
+    assert chat("How many days are there in 4 weeks?") == "miss"
+    # Nothing in the context is close: below_threshold.
+    assert chat("Which river flows through Vienna?") == "miss"
+    assert embed(["a1", "b1"]) == "miss"
+    assert embed(["b1", "c1"]) == "partial; tier=exact; hits=1; items=2"
+    return 11
+
+
+def _workload(base_url: str, round_no: int, settle: Callable[[], None]) -> int:
     """The known traffic; returns how many requests the sidecar answered."""
     with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0,
                        timeout=20) as c:
@@ -206,7 +263,7 @@ def _workload(base_url: str, round_no: int) -> int:
                                                             messages=MESSAGES)
                 for _ in range(2)]
         assert "x-sidecar-ratelimit-wait-ms" in held[1].headers
-    return 10
+        return 10 + _cache_workload(c, round_no, settle)
 
 
 # The rules that give the rate-limit dashboard something to show.
@@ -231,11 +288,16 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
     try:
         url = factory.start(env={}, telemetry=TelemetryConfig(prometheus_port=0,
                                                               prometheus_host="127.0.0.1"),
-                            ratelimit=dataclasses.replace(RATE_LIMITS, redis_url=redis.url))
+                            ratelimit=dataclasses.replace(RATE_LIMITS, redis_url=redis.url),
+                            cache=CacheConfig(semantic=True))
+
+        def settle() -> None:
+            factory.lt.call(factory.apps[url][PIPELINE].settler.join())
+
         scrape_url = factory.apps[url][METRICS].url
         assert scrape_url is not None
         target = scrape_url.removeprefix("http://").removesuffix("/metrics")
-        expected = _workload(url, 1)
+        expected = _workload(url, 1, settle)
 
         root = Path(tmp.name)
         config = root / "prometheus.yml"
@@ -269,7 +331,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
         _wait_for("two scrapes", lambda: running() and bool(
             api.values("count_over_time(up[1m]) >= 2")), api, deadline)
         # Second workload, so every series grows inside the rate() window.
-        expected += _workload(url, 2)
+        expected += _workload(url, 2, settle)
         _wait_for("the second workload in Prometheus", total_is(expected), api, deadline)
         yield api
     finally:
@@ -322,5 +384,23 @@ def test_template_variables_resolve(prometheus: PrometheusAPI, path: Path) -> No
         assert body.get("status") == "success", f"{var['name']}: {body}"
         found[var["name"]] = body["data"]
     # No `namespace` label outside Kubernetes; the models are the workload's.
-    assert {"dash-model-a", "dash-model-b", "dash-embed", "dash-limited"} <= set(
+    assert {"dash-model-a", "dash-model-b", "dash-embed", "dash-limited", "dash-cache"} <= set(
         found.get("model", []))
+
+
+def test_cache_workload_covers_every_label_value(prometheus: PrometheusAPI) -> None:
+    """The cache dashboard's label values all occur, so no panel passes on a subset."""
+
+    def label_values(label: str, selector: str) -> set[str]:
+        body = prometheus.query(f"sum by ({label}) ({selector})")
+        assert body.get("status") == "success", f"{selector}: {body}"
+        return {s["metric"].get(label, "") for s in body["data"]["result"]}
+
+    result, tier = "llm_sidecar_cache_result", "llm_sidecar_cache_tier"
+    outcome, reason = "llm_sidecar_cache_semantic_outcome", "llm_sidecar_cache_semantic_reason"
+    lookups, similarity = "llm_sidecar_cache_lookups_total", "llm_sidecar_cache_similarity_count"
+    assert label_values(result, lookups) == {"hit", "miss", "partial"}
+    assert label_values(tier, f'{lookups}{{{result}="hit"}}') == {
+        "exact", "normalized", "semantic"}
+    assert label_values(outcome, similarity) == {"hit", "below_threshold", "refused"}
+    assert label_values(reason, f'{similarity}{{{outcome}="refused"}}') == {"number"}
