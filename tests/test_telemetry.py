@@ -409,6 +409,16 @@ def test_cache_span_attributes_and_metrics(sidecars: SidecarFactory,
     lookups = {(a["llm_sidecar.cache.result"], a.get("llm_sidecar.cache.tier") or None):
                p.as_int for a, p in rec.points("llm_sidecar.cache.lookups")}
     assert lookups == {("miss", None): 1, ("hit", "exact"): 1}
+    # The miss's tokens were spent upstream; the hit's are counted as served from cache.
+    spent = {a["gen_ai.token.type"]: p.count for a, p in rec.points("gen_ai.client.token.usage")
+             if a["gen_ai.request.model"] == "cache-model"}
+    assert spent == {"input": 1, "output": 1}
+    served = {a["gen_ai.token.type"]: p.as_int for a, p in rec.points("llm_sidecar.cache.tokens")
+              if a["gen_ai.request.model"] == "cache-model"}
+    assert served["input"] > 0 and served["output"] > 0
+    assert served["output"] == next(p.sum for a, p in rec.points("gen_ai.client.token.usage")
+                                    if a["gen_ai.request.model"] == "cache-model"
+                                    and a["gen_ai.token.type"] == "output")
 
 
 def test_a_refused_normalized_hit_counts_as_a_miss(sidecars: SidecarFactory, scripted: Scripted,

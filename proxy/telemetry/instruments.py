@@ -164,6 +164,7 @@ class RequestMeasurements:
     first_chunk_s: float | None
     usage: Usage | None
     overhead_s: float | None
+    from_cache: bool = False  # answered by the cache: its usage was not spent upstream
 
 
 class Instruments:
@@ -175,7 +176,8 @@ class Instruments:
         self.start_ns = time.time_ns()
         self.token_usage = _Histogram(
             "gen_ai.client.token.usage", "{token}",
-            "Tokens used per request, by gen_ai.token.type (input/output).",
+            "Tokens used per request, by gen_ai.token.type (input/output); answers served "
+            "from the cache are counted in llm_sidecar.cache.tokens instead.",
             (*_MODEL_LABELS, "gen_ai.token.type"), _TOKEN_BUCKETS)
         self.duration = _Histogram(
             "gen_ai.client.operation.duration", "s",
@@ -229,11 +231,17 @@ class Instruments:
             "reason (number, negation, quote, identifier, entity; empty otherwise).",
             ("llm_sidecar.cache.semantic.outcome", "llm_sidecar.cache.semantic.reason"),
             _SIMILARITY_BUCKETS)
+        self.cache_tokens = _Counter(
+            "llm_sidecar.cache.tokens", "{token}",
+            "Tokens of the answers the cache served, by gen_ai.token.type: what those "
+            "requests would have spent upstream (gen_ai.client.token.usage counts only "
+            "answers that came from the upstream).",
+            (*_MODEL_LABELS, "gen_ai.token.type"))
         self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
             self.passthrough_requests, self.upstream_errors, self.overhead,
             self.ratelimit_decisions, self.ratelimit_duration, self.cache_lookups,
-            self.cache_duration, self.cache_similarity]
+            self.cache_duration, self.cache_similarity, self.cache_tokens]
         self._models: dict[str, str] = {}
 
     def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
@@ -274,7 +282,10 @@ class Instruments:
         self.duration.record(m.duration_s, (*base, m.error or ""))
         if m.first_chunk_s is not None:
             self.time_to_first_chunk.record(m.first_chunk_s, base)
-        if m.usage is not None:
+        if m.usage is not None and m.from_cache:
+            self.cache_tokens.add((*base, "input"), m.usage.input_tokens)
+            self.cache_tokens.add((*base, "output"), m.usage.output_tokens)
+        elif m.usage is not None:
             self.token_usage.record(m.usage.input_tokens, (*base, "input"))
             self.token_usage.record(m.usage.output_tokens, (*base, "output"))
         self.requests.add((m.operation, m.status))

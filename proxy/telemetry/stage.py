@@ -49,6 +49,7 @@ from proxy.telemetry.tracecontext import (
 )
 from proxy.wire.canonical import Endpoint
 
+_CACHE_RESULT = ATTRIBUTE_PREFIX + "cache.result"
 _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("max_completion_tokens", "gen_ai.request.max_tokens"),
                    ("max_output_tokens", "gen_ai.request.max_tokens"),
@@ -170,7 +171,8 @@ class TelemetryStage(Stage):
                            else (ctx.first_chunk_ns - started) / 1e9),
             usage=ctx.usage(),
             overhead_s=(None if ctx.reported_overhead_ms is None
-                        else ctx.reported_overhead_ms / 1000)))
+                        else ctx.reported_overhead_ms / 1000),
+            from_cache=ctx.attributes.get(_CACHE_RESULT) == "hit"))
 
     def _ship_spans(self, ctx: RequestContext, tr: _Trace, shipper: SpanShipper,
                     error: str | None) -> None:
