@@ -274,11 +274,15 @@ class Pipeline:
     async def _send_then_settle(self, ctx: RequestContext,
                                 response: web.StreamResponse) -> None:
         # The client gets its answer first; settle work never delays it.
+        self.settler.begin()
         try:
-            if not response.prepared:
-                await response.prepare(ctx.request)
-                await response.write_eof()
-        except ConnectionResetError:
-            ctx.error_kind = ctx.error_kind or "client_disconnected"
-        ctx.finished_ns = time.time_ns()
-        self.settler.submit(ctx)
+            try:
+                if not response.prepared:
+                    await response.prepare(ctx.request)
+                    await response.write_eof()
+            except ConnectionResetError:
+                ctx.error_kind = ctx.error_kind or "client_disconnected"
+            ctx.finished_ns = time.time_ns()
+            self.settler.submit(ctx)
+        finally:
+            self.settler.end()

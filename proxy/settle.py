@@ -27,6 +27,22 @@ class Settler:
         self.dropped = 0
         self._queue: asyncio.Queue[RequestContext] = asyncio.Queue(maxsize)
         self._worker: asyncio.Task[None] | None = None
+        # Responses being written: a client can have its whole answer before the
+        # handler resumes to submit it, so join() waits for those too.
+        self._sending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        """A response starts being sent; its request will be submitted (or not) by end()."""
+        self._sending += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        """The response that begin() announced is sent (and its request submitted)."""
+        self._sending -= 1
+        if self._sending == 0:
+            self._idle.set()
 
     def start(self) -> None:
         """Start the worker (from the app's lifecycle, on the serving loop)."""
@@ -44,7 +60,8 @@ class Settler:
                 log.warning("settle queue full: %d requests not settled so far", self.dropped)
 
     async def join(self) -> None:
-        """Wait until every queued request has been settled."""
+        """Wait until every request whose response was sent has been settled."""
+        await self._idle.wait()
         await self._queue.join()
 
     async def stop(self, limit_s: float) -> None:
