@@ -202,6 +202,8 @@ def test_bad_extra_pattern_raises_naming_it() -> None:
     (f"Look up {UUID_A}", f"look up {UUID_B}"),
     ("request req_8f3a9c0d1e2b4a5f: status?", "request req_0000aaaa1111bbbb: status"),
     ("Explain `getUser`!", "explain `getUser`"),
+    ("What's the regex for \"Hello\"?", "what's the REGEX for \"Hello\""),
+    ("Translate 'Good  Morning' please", "translate 'Good  Morning'   PLEASE"),
 ])
 def test_pairs_that_normalize_equal(a: str, b: str) -> None:
     assert NORM.normalize_text(a) == NORM.normalize_text(b)
@@ -219,6 +221,11 @@ def test_pairs_that_normalize_equal(a: str, b: str) -> None:
     ("What is 2³?", "What is 23?"),
     ("What is 5!", "What is 5"),
     ("Run `ls`.", "Run `ls.`"),
+    ('Does the regex match "Hello"?', 'Does the regex match "hello"?'),
+    ("Sort “Banana” and “apple” by ASCII", "Sort “banana” and “apple” by ASCII"),
+    ("Is 'Title Case' a title?", "Is 'Title case' a title?"),
+    ("Split 'a  b' on spaces", "Split 'a b' on spaces"),
+    ("Is «Paris» right?", "Is «paris» right?"),
 ])
 def test_pairs_that_stay_different(a: str, b: str) -> None:
     assert NORM.normalize_text(a) != NORM.normalize_text(b)

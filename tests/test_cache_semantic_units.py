@@ -43,6 +43,8 @@ def test_embedder_gives_zero_vector_for_text_without_known_tokens(
     ("What is 2+2?", "What is 2+3?", "number"),
     ("Upgrade to Python 3.11", "Upgrade to Python 3.12", "number"),
     ("Give me three examples", "Give me four examples", "number"),
+    ("Roll back the deploy to version v1.5.0", "Roll back the deploy to version v1.6.0",
+     "number"),
     ("The service is healthy", "The service is not healthy", "negation"),
     ("Does it support IPv6?", "Doesn't it support IPv6?", "negation"),
     ("Make tea with sugar", "Make tea without sugar", "negation"),

@@ -40,7 +40,8 @@ def _wordset(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?:\.\d+)?%?")
+# Digits count inside words too: "v1.5.0" vs "v1.6.0", "python3.11" vs "python3.12".
+_NUMBER = re.compile(r"(?<![\d.])[-+]?\d+(?:[.,]\d+)*(?:\.\d+)?%?")
 _NUMBER_WORDS = _wordset("""
 zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
 sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety

@@ -47,6 +47,11 @@ The steps of ``Normalizer.normalize_text``, in order:
    keeps a ``!`` right after a digit, a closing bracket or a single letter:
    that is factorial notation ("What is 5!" is not "What is 5").
 
+Quoted text in prose ("...", “...”, «...», and '...' outside a word) is kept as
+written, like code: a quote is often the exact string a regex, a comparison
+or a translation must work on, so ``match "Hello"`` and ``match "hello"`` stay
+apart.
+
 Code is text between backticks (a run of N backticks up to the next run of
 exactly N, within one paragraph), a fenced block (``` or ~~~ at the start of
 a line, up to a closing fence of the same character and at least the same
@@ -91,7 +96,7 @@ __all__ = [
 
 # Bump when a change here can map some text to a different normalized form:
 # it is part of ``Normalizer.signature``, so old entries stop matching.
-NORMALIZATION_VERSION: Final = 1
+NORMALIZATION_VERSION: Final = 2
 
 # --- NFKC ------------------------------------------------------------------
 
@@ -141,6 +146,11 @@ def nfkc(text: str) -> str:
 # --- Case, whitespace, punctuation -------------------------------------------
 
 _WS_RUN: Final = re.compile(r"\s+")
+# A quoted string in prose: "...", “...”, «...» or '...' not inside a word (so
+# "what's" is not a quote).
+_QUOTED: Final = re.compile(  # a quote character first: the scan skips prose fast
+    "[\"\u201c\u00ab'](?:(?<=\")[^\"\n]*\"|(?<=\u201c)[^\u201d\n]*\u201d"
+    "|(?<=\u00ab)[^\u00bb\n]*\u00bb|(?<=')(?<![\\w']')[^'\n]+'(?![\\w']))")
 _TRAILING: Final = ".!?;:, \t\r\n\f\v"
 
 
@@ -442,10 +452,7 @@ class Normalizer:
         for segment in segments:
             part = segment.text if volatile is None else volatile.replace(segment.text)
             if not segment.code:
-                if self._case:
-                    part = part.casefold()
-                if self._whitespace:
-                    part = _WS_RUN.sub(" ", part)
+                part = self._prose(part)
             parts.append(part)
         if self._whitespace:
             if not segments[0].code:
@@ -457,6 +464,24 @@ class Normalizer:
             if tail or any(parts[:-1]):  # never empty the whole text
                 parts[-1] = tail
         return "".join(parts)
+
+    def _prose(self, text: str) -> str:
+        """Case fold and collapse whitespace, outside quoted strings (kept as written)."""
+        out: list[str] = []
+        pos = 0
+        for m in _QUOTED.finditer(text):
+            out.append(self._fold(text[pos:m.start()]))
+            out.append(m.group())
+            pos = m.end()
+        out.append(self._fold(text[pos:]))
+        return "".join(out)
+
+    def _fold(self, prose: str) -> str:
+        if self._case:
+            prose = prose.casefold()
+        if self._whitespace:
+            prose = _WS_RUN.sub(" ", prose)
+        return prose
 
     def normalize_messages(self, messages: Any) -> Any:
         """A new message list with the prose text of each message normalized.
