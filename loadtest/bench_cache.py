@@ -217,6 +217,23 @@ def reading(open_loop: dict[int, dict[str, Any]]) -> list[str]:
             f"{_f(p['hit-semantic']['p99'])} ms, against pass-through "
             f"{_f(p['pass']['p50'])} / {_f(p['pass']['p99'])} ms and the upstream alone "
             f"{_f(p['direct']['p50'])} / {_f(p['direct']['p99'])} ms.")
+        cpu = {name: doc["proxy_cpu_ms_per_req"] for name, doc in runs.items()}
+        out.append(
+            f"  Sidecar CPU per request: pass-through {_f(cpu['pass'])} ms, exact hit "
+            f"{_f(cpu['hit-exact'])}, normalized {_f(cpu['hit-normalized'])}, semantic "
+            f"{_f(cpu['hit-semantic'])}.")
+    out += [
+        "- An exact or normalized hit answers in about the time the bare upstream takes over "
+        "loopback and costs the sidecar less CPU than forwarding; against a real provider "
+        "(hundreds of ms to seconds per answer) the hit path is three orders of magnitude "
+        "faster.",
+        "- A semantic hit costs more: it embeds the prompt, extracts the guard's features, "
+        "digests the context and searches the index before serving (about 0.1 ms of that "
+        "measured in-process; the rest of its extra CPU over an exact hit is not broken "
+        "down here). Its p99 stays under the 2 ms target of the issue at both rates.",
+        "- Lower latencies at 500 than at 100 req/s are the machine's doing (a busier core "
+        "does not sleep between requests), the same for every target; compare targets "
+        "within one rate."]
     return out
 
 
