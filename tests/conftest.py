@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import openai
+import orjson
 import pytest
 from aiohttp import web
 
@@ -137,17 +138,23 @@ def run_async() -> Callable[[Coroutine[Any, Any, T]], T]:
     return asyncio.run
 
 
-class ChatCalls:
-    """Counts the chat requests the mock upstream received since creation."""
+class UpstreamCalls:
+    """Counts the requests one route of the mock upstream received since creation."""
 
-    def __init__(self, mock: Mock) -> None:
-        self.mock = mock
-        self.start = mock.server.stats.requests[CHAT_ROUTE]
+    def __init__(self, mock: Mock, route: str = CHAT_ROUTE) -> None:
+        self.stats = mock.server.stats
+        self.route = route
+        self.start = self.stats.requests[route]
 
     @property
     def calls(self) -> int:
-        """Chat requests that reached the upstream since this counter was made."""
-        return self.mock.server.stats.requests[CHAT_ROUTE] - self.start
+        """Requests that reached the upstream on this route since this counter was made."""
+        return self.stats.requests[self.route] - self.start
+
+    def last_body(self) -> Any:
+        """The JSON body of the latest request on this route."""
+        path = self.route.split(" ", 1)[1]
+        return orjson.loads([r for r in self.stats.last_requests if r.path == path][-1].body)
 
 
 def settled(sidecars: SidecarFactory, url: str) -> None:

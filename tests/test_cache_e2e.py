@@ -9,7 +9,7 @@ import pytest
 
 from proxy.app import HEALTH
 from proxy.config import CacheConfig, QuotaConfig, RateLimitConfig, RuleConfig
-from tests.conftest import ChatCalls, Mock, SidecarFactory, settled
+from tests.conftest import Mock, SidecarFactory, UpstreamCalls, settled
 from tests.redis_server import RedisServer
 
 TOOLS: list[Any] = [{"type": "function", "function": {
@@ -36,7 +36,7 @@ def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
 
 def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         first = _ask(client, "Name three prime numbers above 100.")
         settled(sidecars, local)
@@ -52,7 +52,7 @@ def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
 
 def test_normalized_tier_matches_case_whitespace_and_punctuation(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         _ask(client, "What is the capital of Portugal?")
         settled(sidecars, local)
@@ -69,7 +69,7 @@ def test_normalized_tier_matches_case_whitespace_and_punctuation(
 ])
 def test_near_misses_do_not_hit(sidecars: SidecarFactory, local: str, mock: Mock,
                                 first: str, second: str) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         _ask(client, first)
         settled(sidecars, local)
@@ -79,7 +79,7 @@ def test_near_misses_do_not_hit(sidecars: SidecarFactory, local: str, mock: Mock
 
 
 def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     base: list[Any] = [{"role": "system", "content": "You are terse."},
                        {"role": "user", "content": "Summarise the report."}]
     variants: list[dict[str, Any]] = [
@@ -101,7 +101,7 @@ def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Moc
 
 def test_other_tenant_never_gets_the_entry(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local, "sk-tenant-one") as one, _client(local, "sk-tenant-two") as two:
         _ask(one, "Tenant isolation check")
         settled(sidecars, local)
@@ -113,7 +113,7 @@ def test_other_tenant_never_gets_the_entry(sidecars: SidecarFactory, local: str,
 
 def test_only_deterministic_requests_are_cached_unless_opted_in(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         for _ in range(2):
             sampled = _ask(client, "Write a haiku", temperature=0.7)
@@ -133,7 +133,7 @@ def test_only_deterministic_requests_are_cached_unless_opted_in(
 
 def test_cache_control_no_cache_and_no_store(sidecars: SidecarFactory, local: str,
                                              mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         _ask(client, "no-store question", extra_headers={"Cache-Control": "no-store"})
         settled(sidecars, local)
@@ -158,7 +158,7 @@ def test_bad_cache_headers_get_an_openai_style_400(local: str) -> None:
 
 def test_errors_and_cut_streams_are_not_stored(sidecars: SidecarFactory, local: str,
                                                mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         with pytest.raises(openai.InternalServerError):
             _ask(client, "failing question", extra_headers={"x-mock-error": "500"})
@@ -178,7 +178,7 @@ def test_errors_and_cut_streams_are_not_stored(sidecars: SidecarFactory, local: 
 
 def test_streamed_answer_is_stored_and_replayed_both_ways(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     messages: list[Any] = [{"role": "user", "content": "What's the weather in Oslo?"}]
     with _client(local) as client:
         with client.chat.completions.stream(model="gpt-4o-mini", temperature=0,
@@ -240,7 +240,7 @@ def test_entry_stored_by_one_sidecar_is_served_by_another(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     cfg = CacheConfig(redis_url=redis_server.url)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(first) as a, _client(second) as b:
         _ask(a, "Shared across the fleet?")
         settled(sidecars, first)
@@ -259,7 +259,7 @@ def test_redis_stopped_mid_run_degrades_to_local_only(
 
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, breaker_failures=1,
                                            breaker_reset_s=60))
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(url) as client:
         assert _ask(client, "before the outage").headers["x-sidecar-cache"] == "miss"
         settled(sidecars, url)
@@ -305,7 +305,7 @@ def test_cache_hits_can_be_made_to_count(sidecars: SidecarFactory, mock: Mock) -
 
 def test_volatile_values_in_the_system_prompt_still_hit(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
 
     def ask(client: openai.OpenAI, stamp: str, request_id: str) -> Any:
         return client.chat.completions.with_raw_response.create(
@@ -323,7 +323,7 @@ def test_volatile_values_in_the_system_prompt_still_hit(
 
 def test_a_date_in_the_user_turn_is_the_question(sidecars: SidecarFactory, local: str,
                                                  mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         _ask(client, "Which weekday is 2026-11-25?")
         settled(sidecars, local)

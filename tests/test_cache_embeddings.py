@@ -13,7 +13,7 @@ import pytest
 from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, _shares, vectors_from_answer
 from proxy.config import CacheConfig, UpstreamConfig
 from proxy.wire.canonical import Endpoint, parse_request
-from tests.conftest import Mock, Scripted, SidecarFactory, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, settled
 from tests.redis_server import RedisServer
 
 ROUTE = "POST /v1/embeddings"
@@ -33,29 +33,13 @@ def _embed(client: openai.OpenAI, inputs: Any, **kw: Any) -> Any:
     return client.embeddings.with_raw_response.create(model=MODEL, input=inputs, **kw)
 
 
-class Upstream:
-    """What the mock's embeddings endpoint received since creation."""
-
-    def __init__(self, mock: Mock) -> None:
-        self.stats = mock.server.stats
-        self.start = self.stats.requests[ROUTE]
-
-    @property
-    def calls(self) -> int:
-        return self.stats.requests[ROUTE] - self.start
-
-    def last_input(self) -> Any:
-        last = [r for r in self.stats.last_requests if r.path == "/v1/embeddings"][-1]
-        return orjson.loads(last.body)["input"]
-
-
 def _vectors(parsed: Any) -> list[list[float]]:
     return [list(d.embedding) for d in sorted(parsed.data, key=lambda d: d.index)]
 
 
 def test_single_input_repeat_is_a_hit_with_the_same_vector(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         first = _embed(client, "the quick brown fox")
         settled(sidecars, local)
@@ -71,7 +55,7 @@ def test_single_input_repeat_is_a_hit_with_the_same_vector(
 
 def test_a_batch_sends_only_its_misses_once_and_answers_in_order(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         _embed(client, ["alpha one", "beta two"])
         settled(sidecars, local)
@@ -90,18 +74,18 @@ def test_a_batch_sends_only_its_misses_once_and_answers_in_order(
 
 def test_partial_batch_upstream_received_only_the_missing_item(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         _embed(client, ["red", "green"])
         settled(sidecars, local)
         _embed(client, ["green", "blue", "red"])
     assert upstream.calls == 2
-    assert upstream.last_input() == ["blue"]
+    assert upstream.last_body()["input"] == ["blue"]
 
 
 def test_float_and_base64_formats_share_entries(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         as_float = _embed(client, ["format one"], encoding_format="float")
         settled(sidecars, local)
@@ -119,13 +103,13 @@ def test_float_and_base64_formats_share_entries(
 
 def test_token_id_inputs_are_items_too(sidecars: SidecarFactory, local: str,
                                        mock: Mock, direct: openai.OpenAI) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         _embed(client, [[11, 12, 13], [21, 22]])
         settled(sidecars, local)
         mixed = _embed(client, [[21, 22], [31]])
     assert mixed.headers["x-sidecar-cache"] == "partial; tier=exact; hits=1; items=2"
-    assert upstream.last_input() == [[31]]
+    assert upstream.last_body()["input"] == [[31]]
     assert upstream.calls == 2
     assert _vectors(mixed.parse()) == _vectors(
         direct.embeddings.create(model=MODEL, input=[[21, 22], [31]]))
@@ -135,7 +119,7 @@ def test_token_id_inputs_are_items_too(sidecars: SidecarFactory, local: str,
     {"dimensions": 32}, {"model": "text-embedding-3-large"}, {"api_key": "sk-emb-other"}])
 def test_model_dimensions_and_tenant_are_in_the_key(
         sidecars: SidecarFactory, local: str, mock: Mock, change: dict[str, Any]) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     text = f"key parts {sorted(change)}"
     with _client(local) as client:
         _embed(client, text)
@@ -150,7 +134,7 @@ def test_model_dimensions_and_tenant_are_in_the_key(
 
 def test_cache_off_header_and_no_store(sidecars: SidecarFactory, local: str,
                                        mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         client.embeddings.create(model=MODEL, input="not kept",
                                  extra_headers={"Cache-Control": "no-store"})
@@ -164,7 +148,7 @@ def test_cache_off_header_and_no_store(sidecars: SidecarFactory, local: str,
 
 def test_malformed_input_goes_to_upstream_and_its_error_comes_back(
         local: str, mock: Mock) -> None:
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(local) as client, pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=MODEL, input=[])
     assert err.value.status_code == 400
@@ -175,14 +159,14 @@ def test_two_sidecars_share_items_through_redis(
         sidecars: SidecarFactory, module_redis: RedisServer, mock: Mock) -> None:
     cfg = CacheConfig(redis_url=module_redis.url)
     a, b = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
-    upstream = Upstream(mock)
+    upstream = UpstreamCalls(mock, ROUTE)
     with _client(a) as client:
         _embed(client, ["shared one", "shared two"])
     settled(sidecars, a)
     with _client(b) as client:
         mixed = _embed(client, ["shared two", "only b"])
     assert mixed.headers["x-sidecar-cache"] == "partial; tier=exact; hits=1; items=2"
-    assert upstream.last_input() == ["only b"]
+    assert upstream.last_body()["input"] == ["only b"]
     assert upstream.calls == 2
 
 

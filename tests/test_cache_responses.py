@@ -10,7 +10,7 @@ import pytest
 
 from proxy.cache.responses import ResponsesStreamAssembler, complete_response, response_events
 from proxy.config import UpstreamConfig
-from tests.conftest import Mock, Scripted, SidecarFactory, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, settled
 
 ROUTE = "POST /v1/responses"
 
@@ -29,26 +29,16 @@ def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
     return client.responses.with_raw_response.create(model="gpt-4o-mini", input=text, **kw)
 
 
-class Calls:
-    def __init__(self, mock: Mock) -> None:
-        self.stats = mock.server.stats
-        self.start = self.stats.requests[ROUTE]
-
-    @property
-    def n(self) -> int:
-        return self.stats.requests[ROUTE] - self.start
-
-
 def test_repeat_is_a_hit_that_keeps_the_response_id(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    calls = Calls(mock)
+    calls = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         first = _ask(client, "Name a prime above 50.")
         settled(sidecars, local)
         second = _ask(client, "Name a prime above 50.")
     assert first.headers["x-sidecar-cache"] == "miss"
     assert second.headers["x-sidecar-cache"] == "hit; tier=exact"
-    assert calls.n == 1
+    assert calls.calls == 1
     a, b = first.parse(), second.parse()
     assert b.id == a.id  # a handle the upstream resolves: previous_response_id works
     assert b.output_text == a.output_text and b.usage == a.usage
@@ -57,7 +47,7 @@ def test_repeat_is_a_hit_that_keeps_the_response_id(
 
 def test_stream_hit_from_a_json_entry_satisfies_the_sdk_stream_helper(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
-    calls = Calls(mock)
+    calls = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         stored = _ask(client, "Describe a cache in one sentence.").parse()
         settled(sidecars, local)
@@ -65,7 +55,7 @@ def test_stream_hit_from_a_json_entry_satisfies_the_sdk_stream_helper(
                                      input="Describe a cache in one sentence.") as stream:
             kinds = [event.type for event in stream]
             final = stream.get_final_response()
-    assert calls.n == 1
+    assert calls.calls == 1
     assert final.output_text == stored.output_text and final.id == stored.id
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
@@ -73,7 +63,7 @@ def test_stream_hit_from_a_json_entry_satisfies_the_sdk_stream_helper(
 
 def test_json_hit_from_a_streamed_entry(sidecars: SidecarFactory, local: str,
                                         mock: Mock) -> None:
-    calls = Calls(mock)
+    calls = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         with client.responses.stream(model="gpt-4o-mini", temperature=0,
                                      input="Stream me first.") as stream:
@@ -82,7 +72,7 @@ def test_json_hit_from_a_streamed_entry(sidecars: SidecarFactory, local: str,
         hit = _ask(client, "Stream me first.")
     assert hit.headers["x-sidecar-cache"] == "hit; tier=exact"
     assert hit.parse().output_text == streamed.output_text
-    assert calls.n == 1
+    assert calls.calls == 1
 
 
 @pytest.mark.parametrize(("first", "second"), [
@@ -93,25 +83,25 @@ def test_json_hit_from_a_streamed_entry(sidecars: SidecarFactory, local: str,
 def test_store_chain_and_instructions_are_in_the_key(
         sidecars: SidecarFactory, local: str, mock: Mock, first: dict[str, Any],
         second: dict[str, Any]) -> None:
-    calls = Calls(mock)
+    calls = UpstreamCalls(mock, ROUTE)
     text = f"keyed {sorted(first)} {sorted(second)}"
     with _client(local) as client:
         _ask(client, text, **first)
         settled(sidecars, local)
         other = _ask(client, text, **second)
     assert other.headers["x-sidecar-cache"] == "miss"
-    assert calls.n == 2
+    assert calls.calls == 2
 
 
 def test_conversation_requests_are_never_cached(sidecars: SidecarFactory, local: str,
                                                 mock: Mock) -> None:
-    calls = Calls(mock)
+    calls = UpstreamCalls(mock, ROUTE)
     with _client(local) as client:
         for _ in range(2):
             reply = _ask(client, "In a conversation.", conversation="conv_123")
             settled(sidecars, local)
             assert "x-sidecar-cache" not in reply.headers
-    assert calls.n == 2
+    assert calls.calls == 2
 
 
 @pytest.fixture(scope="module")

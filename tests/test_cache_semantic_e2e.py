@@ -13,7 +13,7 @@ import redis as redis_sync
 from proxy.app import HEALTH, PIPELINE
 from proxy.cache.stage import CacheStage
 from proxy.config import CacheConfig
-from tests.conftest import ChatCalls, Mock, SidecarFactory, settled
+from tests.conftest import Mock, SidecarFactory, UpstreamCalls, settled
 from tests.redis_server import RedisServer
 
 SEMANTIC = re.compile(r"hit; tier=semantic; similarity=(0\.\d{3}|1\.000)")
@@ -55,7 +55,7 @@ def _status(sidecars: SidecarFactory, url: str) -> dict[str, Any]:
 
 def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, local: str,
                                                    mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         first = _ask(client, "How do I reset my password?")
         settled(sidecars, local)
@@ -72,7 +72,7 @@ def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, loc
 
 def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, local: str,
                                                       mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         first = _ask(client, "Where can I download my invoices?").parse()
         settled(sidecars, local)
@@ -96,7 +96,7 @@ def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, 
 ])
 def test_near_paraphrases_that_change_the_answer_do_not_hit(
         sidecars: SidecarFactory, local: str, mock: Mock, first: str, second: str) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(local) as client:
         _ask(client, first)
         settled(sidecars, local)
@@ -107,7 +107,7 @@ def test_near_paraphrases_that_change_the_answer_do_not_hit(
 
 def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local: str,
                                                 mock: Mock) -> None:
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     question, paraphrase = "How do I close my account?", "How can I close my account?"
     earlier: list[dict[str, Any]] = [{"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello! How can I help?"}]
@@ -130,7 +130,7 @@ def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local:
 def _assert_paraphrase_misses(sidecars: SidecarFactory, url: str, mock: Mock, first: str,
                               paraphrase: str) -> None:
     """The paraphrase, asked after ``first`` was stored, goes upstream."""
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(url) as client:
         _ask(client, first)
         settled(sidecars, url)
@@ -150,7 +150,7 @@ def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     cfg = CacheConfig(redis_url=redis_server.url, semantic=True)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(first) as a:
         _ask(a, "How do I export my data to CSV?")
         settled(sidecars, first)
@@ -174,7 +174,7 @@ def test_expired_entry_leaves_the_semantic_tier(sidecars: SidecarFactory,
                                                 redis_server: RedisServer, mock: Mock) -> None:
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, local_max_bytes=0,
                                            semantic=True))
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I change my username?", extra_headers={"x-sidecar-cache-ttl": "1"})
         settled(sidecars, url)
@@ -202,7 +202,7 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
     feed = _stage(sidecars, url).feed
     assert feed is not None and sidecars.lt.call(feed.wait_until())
     redis_server.stop()
-    upstream = ChatCalls(mock)
+    upstream = UpstreamCalls(mock)
     with _client(url) as client:
         _ask(client, "How do I add a team member?")
         settled(sidecars, url)
