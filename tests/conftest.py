@@ -99,10 +99,14 @@ def sidecar(sidecars: SidecarFactory) -> str:
     return sidecars.start()
 
 
+def sdk(url: str, key: str = "sk-test-client") -> openai.OpenAI:
+    """The official client for ``url``: no retries (a test sees every answer), 20 s timeout."""
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)
+
+
 @pytest.fixture
 def client(sidecar: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=sidecar, api_key="sk-test-client", max_retries=0,
-                       timeout=20) as c:
+    with sdk(sidecar) as c:
         yield c
 
 

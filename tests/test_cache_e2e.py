@@ -9,7 +9,7 @@ import pytest
 
 from proxy.app import HEALTH
 from proxy.config import CacheConfig, QuotaConfig, RateLimitConfig, RuleConfig
-from tests.conftest import Mock, SidecarFactory, UpstreamCalls, settled
+from tests.conftest import Mock, SidecarFactory, UpstreamCalls, sdk, settled
 from tests.redis_server import RedisServer
 
 TOOLS: list[Any] = [{"type": "function", "function": {
@@ -24,10 +24,6 @@ def local(sidecars: SidecarFactory) -> str:
     return sidecars.start()
 
 
-def _client(url: str, key: str = "sk-cache-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)
-
-
 def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
     kw.setdefault("temperature", 0)
     return client.chat.completions.with_raw_response.create(
@@ -37,7 +33,7 @@ def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
 def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         first = _ask(client, "Name three prime numbers above 100.")
         settled(sidecars, local)
         second = _ask(client, "Name three prime numbers above 100.")
@@ -53,7 +49,7 @@ def test_exact_repeat_is_served_from_cache(sidecars: SidecarFactory, local: str,
 def test_normalized_tier_matches_case_whitespace_and_punctuation(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, "What is the capital of Portugal?")
         settled(sidecars, local)
         hit = _ask(client, "what is the   capital of portugal")
@@ -70,7 +66,7 @@ def test_normalized_tier_matches_case_whitespace_and_punctuation(
 def test_near_misses_do_not_hit(sidecars: SidecarFactory, local: str, mock: Mock,
                                 first: str, second: str) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, first)
         settled(sidecars, local)
         other = _ask(client, second)
@@ -90,7 +86,7 @@ def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Moc
         {"messages": base, "max_tokens": 7},
         {"messages": base, "seed": 3},
     ]
-    with _client(local) as client:
+    with sdk(local) as client:
         for v in variants:
             raw = client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", temperature=0, **v)
@@ -102,7 +98,7 @@ def test_context_changes_the_key(sidecars: SidecarFactory, local: str, mock: Moc
 def test_other_tenant_never_gets_the_entry(sidecars: SidecarFactory, local: str,
                                            mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local, "sk-tenant-one") as one, _client(local, "sk-tenant-two") as two:
+    with sdk(local, "sk-tenant-one") as one, sdk(local, "sk-tenant-two") as two:
         _ask(one, "Tenant isolation check")
         settled(sidecars, local)
         assert _ask(two, "Tenant isolation check").headers["x-sidecar-cache"] == "miss"
@@ -114,7 +110,7 @@ def test_other_tenant_never_gets_the_entry(sidecars: SidecarFactory, local: str,
 def test_only_deterministic_requests_are_cached_unless_opted_in(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         for _ in range(2):
             sampled = _ask(client, "Write a haiku", temperature=0.7)
             settled(sidecars, local)
@@ -134,7 +130,7 @@ def test_only_deterministic_requests_are_cached_unless_opted_in(
 def test_cache_control_no_cache_and_no_store(sidecars: SidecarFactory, local: str,
                                              mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, "no-store question", extra_headers={"Cache-Control": "no-store"})
         settled(sidecars, local)
         assert _ask(client, "no-store question").headers["x-sidecar-cache"] == "miss"
@@ -146,7 +142,7 @@ def test_cache_control_no_cache_and_no_store(sidecars: SidecarFactory, local: st
 
 
 def test_bad_cache_headers_get_an_openai_style_400(local: str) -> None:
-    with _client(local) as client:
+    with sdk(local) as client:
         for headers in ({"x-sidecar-cache-ttl": "soon"}, {"x-sidecar-cache": "maybe"}):
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(model="gpt-4o-mini", temperature=0,
@@ -159,7 +155,7 @@ def test_bad_cache_headers_get_an_openai_style_400(local: str) -> None:
 def test_errors_and_cut_streams_are_not_stored(sidecars: SidecarFactory, local: str,
                                                mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         with pytest.raises(openai.InternalServerError):
             _ask(client, "failing question", extra_headers={"x-mock-error": "500"})
         settled(sidecars, local)
@@ -180,7 +176,7 @@ def test_streamed_answer_is_stored_and_replayed_both_ways(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
     messages: list[Any] = [{"role": "user", "content": "What's the weather in Oslo?"}]
-    with _client(local) as client:
+    with sdk(local) as client:
         with client.chat.completions.stream(model="gpt-4o-mini", temperature=0,
                                             messages=messages, tools=TOOLS) as stream:
             original = stream.get_final_completion()
@@ -206,7 +202,7 @@ def test_streamed_answer_is_stored_and_replayed_both_ways(
 
 
 def test_replayed_stream_has_usage_only_when_asked(sidecars: SidecarFactory, local: str) -> None:
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, "usage replay")
         settled(sidecars, local)
         for include in (False, True):
@@ -224,7 +220,7 @@ def test_ttl_header_sets_the_lifetime(sidecars: SidecarFactory, redis_server: Re
     import redis as redis_sync
 
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url))
-    with _client(url) as client:
+    with sdk(url) as client:
         _ask(client, "short-lived", extra_headers={"x-sidecar-cache-ttl": "30"})
         _ask(client, "long-lived")
         settled(sidecars, url)
@@ -241,7 +237,7 @@ def test_entry_stored_by_one_sidecar_is_served_by_another(
     cfg = CacheConfig(redis_url=redis_server.url)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
     upstream = UpstreamCalls(mock)
-    with _client(first) as a, _client(second) as b:
+    with sdk(first) as a, sdk(second) as b:
         _ask(a, "Shared across the fleet?")
         settled(sidecars, first)
         exact = _ask(b, "Shared across the fleet?")
@@ -260,7 +256,7 @@ def test_redis_stopped_mid_run_degrades_to_local_only(
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, breaker_failures=1,
                                            breaker_reset_s=60))
     upstream = UpstreamCalls(mock)
-    with _client(url) as client:
+    with sdk(url) as client:
         assert _ask(client, "before the outage").headers["x-sidecar-cache"] == "miss"
         settled(sidecars, url)
         redis_server.stop()
@@ -282,7 +278,7 @@ def test_redis_stopped_mid_run_degrades_to_local_only(
 def test_cache_hits_take_no_quota_by_default(sidecars: SidecarFactory, mock: Mock) -> None:
     rule = RuleConfig(name="two-rpm", requests=QuotaConfig(2, "1m"))
     url = sidecars.start(ratelimit=RateLimitConfig(rules=(rule,)))
-    with _client(url) as client:
+    with sdk(url) as client:
         for _ in range(5):  # 1 miss + 4 hits: only the miss is charged
             raw = _ask(client, "quota-free hits")
             settled(sidecars, url)
@@ -293,7 +289,7 @@ def test_cache_hits_take_no_quota_by_default(sidecars: SidecarFactory, mock: Moc
 def test_cache_hits_can_be_made_to_count(sidecars: SidecarFactory, mock: Mock) -> None:
     rule = RuleConfig(name="two-rpm", requests=QuotaConfig(2, "1m"))
     url = sidecars.start(ratelimit=RateLimitConfig(rules=(rule,), count_cache_hits=True))
-    with _client(url) as client:
+    with sdk(url) as client:
         _ask(client, "counted hits")
         settled(sidecars, url)
         hit = _ask(client, "counted hits")
@@ -313,7 +309,7 @@ def test_volatile_values_in_the_system_prompt_still_hit(
                 {"role": "system", "content": f"Now: {stamp}. Request {request_id}."},
                 {"role": "user", "content": "List the open incidents."}])
 
-    with _client(local) as client:
+    with sdk(local) as client:
         ask(client, "2026-11-25T01:53:21Z", "req_8f3a9c0d1e2b4a5f")
         settled(sidecars, local)
         hit = ask(client, "2026-11-25T02:10:07Z", "req_0b1c2d3e4f5a6b7c")
@@ -324,7 +320,7 @@ def test_volatile_values_in_the_system_prompt_still_hit(
 def test_a_date_in_the_user_turn_is_the_question(sidecars: SidecarFactory, local: str,
                                                  mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, "Which weekday is 2026-11-25?")
         settled(sidecars, local)
         other = _ask(client, "Which weekday is 2026-11-26?")

@@ -13,7 +13,7 @@ import pytest
 from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, _shares, vectors_from_answer
 from proxy.config import CacheConfig, UpstreamConfig
 from proxy.wire.canonical import Endpoint, parse_request
-from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, sdk, settled
 from tests.redis_server import RedisServer
 
 ROUTE = "POST /v1/embeddings"
@@ -23,10 +23,6 @@ MODEL = "text-embedding-3-small"
 @pytest.fixture(scope="module")
 def local(sidecars: SidecarFactory) -> str:
     return sidecars.start()
-
-
-def _client(url: str, key: str = "sk-emb-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)
 
 
 def _embed(client: openai.OpenAI, inputs: Any, **kw: Any) -> Any:
@@ -40,7 +36,7 @@ def _vectors(parsed: Any) -> list[list[float]]:
 def test_single_input_repeat_is_a_hit_with_the_same_vector(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         first = _embed(client, "the quick brown fox")
         settled(sidecars, local)
         second = _embed(client, "the quick brown fox")
@@ -56,7 +52,7 @@ def test_single_input_repeat_is_a_hit_with_the_same_vector(
 def test_a_batch_sends_only_its_misses_once_and_answers_in_order(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         _embed(client, ["alpha one", "beta two"])
         settled(sidecars, local)
         batch = ["beta two", "gamma three", "alpha one", "gamma three"]
@@ -75,7 +71,7 @@ def test_a_batch_sends_only_its_misses_once_and_answers_in_order(
 def test_partial_batch_upstream_received_only_the_missing_item(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         _embed(client, ["red", "green"])
         settled(sidecars, local)
         _embed(client, ["green", "blue", "red"])
@@ -86,7 +82,7 @@ def test_partial_batch_upstream_received_only_the_missing_item(
 def test_float_and_base64_formats_share_entries(
         sidecars: SidecarFactory, local: str, mock: Mock, direct: openai.OpenAI) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         as_float = _embed(client, ["format one"], encoding_format="float")
         settled(sidecars, local)
         as_b64 = _embed(client, ["format one"])  # the SDK asks for base64 by default
@@ -104,7 +100,7 @@ def test_float_and_base64_formats_share_entries(
 def test_token_id_inputs_are_items_too(sidecars: SidecarFactory, local: str,
                                        mock: Mock, direct: openai.OpenAI) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         _embed(client, [[11, 12, 13], [21, 22]])
         settled(sidecars, local)
         mixed = _embed(client, [[21, 22], [31]])
@@ -121,11 +117,11 @@ def test_model_dimensions_and_tenant_are_in_the_key(
         sidecars: SidecarFactory, local: str, mock: Mock, change: dict[str, Any]) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
     text = f"key parts {sorted(change)}"
-    with _client(local) as client:
+    with sdk(local) as client:
         _embed(client, text)
     settled(sidecars, local)
     key = change.pop("api_key", "sk-emb-a")
-    with _client(local, key) as client:
+    with sdk(local, key) as client:
         other = client.embeddings.with_raw_response.create(
             **({"model": MODEL, "input": text} | change))
     assert other.headers["x-sidecar-cache"] == "miss"
@@ -135,7 +131,7 @@ def test_model_dimensions_and_tenant_are_in_the_key(
 def test_cache_off_header_and_no_store(sidecars: SidecarFactory, local: str,
                                        mock: Mock) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         client.embeddings.create(model=MODEL, input="not kept",
                                  extra_headers={"Cache-Control": "no-store"})
         settled(sidecars, local)
@@ -149,7 +145,7 @@ def test_cache_off_header_and_no_store(sidecars: SidecarFactory, local: str,
 def test_malformed_input_goes_to_upstream_and_its_error_comes_back(
         local: str, mock: Mock) -> None:
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client, pytest.raises(openai.BadRequestError) as err:
+    with sdk(local) as client, pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=MODEL, input=[])
     assert err.value.status_code == 400
     assert upstream.calls == 1
@@ -160,10 +156,10 @@ def test_two_sidecars_share_items_through_redis(
     cfg = CacheConfig(redis_url=module_redis.url)
     a, b = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
     upstream = UpstreamCalls(mock, ROUTE)
-    with _client(a) as client:
+    with sdk(a) as client:
         _embed(client, ["shared one", "shared two"])
     settled(sidecars, a)
-    with _client(b) as client:
+    with sdk(b) as client:
         mixed = _embed(client, ["shared two", "only b"])
     assert mixed.headers["x-sidecar-cache"] == "partial; tier=exact; hits=1; items=2"
     assert upstream.last_body()["input"] == ["only b"]
@@ -177,7 +173,7 @@ def test_an_answer_that_cannot_be_merged_is_a_502_not_a_wrong_batch(
         {"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
         "usage": {"prompt_tokens": 1, "total_tokens": 1}}
     url = sidecars.start(upstream=UpstreamConfig(base_url=scripted.url))
-    with _client(url) as client:
+    with sdk(url) as client:
         _embed(client, "x")
         settled(sidecars, url)
         with pytest.raises(openai.APIStatusError) as err:

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.cache.responses import ResponsesStreamAssembler, complete_response, response_events
 from proxy.config import UpstreamConfig
-from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, settled
+from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, sdk, settled
 
 ROUTE = "POST /v1/responses"
 
@@ -18,10 +18,6 @@ ROUTE = "POST /v1/responses"
 @pytest.fixture(scope="module")
 def local(sidecars: SidecarFactory) -> str:
     return sidecars.start()
-
-
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key="sk-resp-a", max_retries=0, timeout=20)
 
 
 def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
@@ -32,7 +28,7 @@ def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
 def test_repeat_is_a_hit_that_keeps_the_response_id(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     calls = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         first = _ask(client, "Name a prime above 50.")
         settled(sidecars, local)
         second = _ask(client, "Name a prime above 50.")
@@ -48,7 +44,7 @@ def test_repeat_is_a_hit_that_keeps_the_response_id(
 def test_stream_hit_from_a_json_entry_satisfies_the_sdk_stream_helper(
         sidecars: SidecarFactory, local: str, mock: Mock) -> None:
     calls = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         stored = _ask(client, "Describe a cache in one sentence.").parse()
         settled(sidecars, local)
         with client.responses.stream(model="gpt-4o-mini", temperature=0,
@@ -64,7 +60,7 @@ def test_stream_hit_from_a_json_entry_satisfies_the_sdk_stream_helper(
 def test_json_hit_from_a_streamed_entry(sidecars: SidecarFactory, local: str,
                                         mock: Mock) -> None:
     calls = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         with client.responses.stream(model="gpt-4o-mini", temperature=0,
                                      input="Stream me first.") as stream:
             streamed = stream.get_final_response()
@@ -85,7 +81,7 @@ def test_store_chain_and_instructions_are_in_the_key(
         second: dict[str, Any]) -> None:
     calls = UpstreamCalls(mock, ROUTE)
     text = f"keyed {sorted(first)} {sorted(second)}"
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, text, **first)
         settled(sidecars, local)
         other = _ask(client, text, **second)
@@ -96,7 +92,7 @@ def test_store_chain_and_instructions_are_in_the_key(
 def test_conversation_requests_are_never_cached(sidecars: SidecarFactory, local: str,
                                                 mock: Mock) -> None:
     calls = UpstreamCalls(mock, ROUTE)
-    with _client(local) as client:
+    with sdk(local) as client:
         for _ in range(2):
             reply = _ask(client, "In a conversation.", conversation="conv_123")
             settled(sidecars, local)
@@ -134,7 +130,7 @@ def test_function_calls_reasoning_and_refusals_replay_through_the_sdk(
     upstream, url = rich
     upstream.doc = RICH
     before = upstream.calls
-    with _client(url) as client:
+    with sdk(url) as client:
         first = client.responses.create(model="gpt-4o-mini", input="rich", temperature=0)
         settled(sidecars, url)
         with client.responses.stream(model="gpt-4o-mini", input="rich",
@@ -153,7 +149,7 @@ def test_incomplete_responses_are_not_stored(sidecars: SidecarFactory,
     upstream.doc = RICH | {"id": "resp_cut", "status": "incomplete",
                            "incomplete_details": {"reason": "max_output_tokens"}}
     before = upstream.calls
-    with _client(url) as client:
+    with sdk(url) as client:
         client.responses.create(model="gpt-4o-mini", input="cut short", temperature=0)
         settled(sidecars, url)
         again = client.responses.with_raw_response.create(model="gpt-4o-mini",

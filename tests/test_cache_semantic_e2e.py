@@ -13,7 +13,7 @@ import redis as redis_sync
 from proxy.app import HEALTH, PIPELINE
 from proxy.cache.stage import CacheStage
 from proxy.config import CacheConfig
-from tests.conftest import Mock, SidecarFactory, UpstreamCalls, settled
+from tests.conftest import Mock, SidecarFactory, UpstreamCalls, sdk, settled
 from tests.redis_server import RedisServer
 
 SEMANTIC = re.compile(r"hit; tier=semantic; similarity=(0\.\d{3}|1\.000)")
@@ -25,10 +25,6 @@ TOOLS: list[Any] = [{"type": "function", "function": {
 @pytest.fixture(scope="module")
 def local(sidecars: SidecarFactory) -> str:
     return sidecars.start(cache=CacheConfig(semantic=True))
-
-
-def _client(url: str, key: str = "sk-semantic-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)
 
 
 def _ask(client: openai.OpenAI, text: str, *, system: str = "You are a support agent.",
@@ -56,7 +52,7 @@ def _status(sidecars: SidecarFactory, url: str) -> dict[str, Any]:
 def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, local: str,
                                                    mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         first = _ask(client, "How do I reset my password?")
         settled(sidecars, local)
         second = _ask(client, "How can I reset my password?")
@@ -73,7 +69,7 @@ def test_paraphrase_is_served_by_the_semantic_tier(sidecars: SidecarFactory, loc
 def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, local: str,
                                                       mock: Mock) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         first = _ask(client, "Where can I download my invoices?").parse()
         settled(sidecars, local)
         with client.chat.completions.stream(
@@ -97,7 +93,7 @@ def test_semantic_hit_streams_through_the_sdk_helpers(sidecars: SidecarFactory, 
 def test_near_paraphrases_that_change_the_answer_do_not_hit(
         sidecars: SidecarFactory, local: str, mock: Mock, first: str, second: str) -> None:
     upstream = UpstreamCalls(mock)
-    with _client(local) as client:
+    with sdk(local) as client:
         _ask(client, first)
         settled(sidecars, local)
         other = _ask(client, second)
@@ -111,7 +107,7 @@ def test_semantic_tier_stays_within_the_context(sidecars: SidecarFactory, local:
     question, paraphrase = "How do I close my account?", "How can I close my account?"
     earlier: list[dict[str, Any]] = [{"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello! How can I help?"}]
-    with _client(local) as client, _client(local, "sk-semantic-b") as other_tenant:
+    with sdk(local) as client, sdk(local, "sk-semantic-b") as other_tenant:
         _ask(client, question)
         settled(sidecars, local)
         misses = [
@@ -131,7 +127,7 @@ def _assert_paraphrase_misses(sidecars: SidecarFactory, url: str, mock: Mock, fi
                               paraphrase: str) -> None:
     """The paraphrase, asked after ``first`` was stored, goes upstream."""
     upstream = UpstreamCalls(mock)
-    with _client(url) as client:
+    with sdk(url) as client:
         _ask(client, first)
         settled(sidecars, url)
         other = _ask(client, paraphrase)
@@ -151,7 +147,7 @@ def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
     cfg = CacheConfig(redis_url=redis_server.url, semantic=True)
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
     upstream = UpstreamCalls(mock)
-    with _client(first) as a:
+    with sdk(first) as a:
         _ask(a, "How do I export my data to CSV?")
         settled(sidecars, first)
     [key] = _stage(sidecars, first).semantic.index.keys()  # type: ignore[union-attr]
@@ -160,7 +156,7 @@ def test_semantic_entry_is_shared_through_redis_and_caught_up_by_late_starters(
     late = sidecars.start(cache=cfg)
     late_feed = _stage(sidecars, late).feed
     assert late_feed is not None and sidecars.lt.call(late_feed.wait_until(key))
-    with _client(second) as b, _client(late) as c:
+    with sdk(second) as b, sdk(late) as c:
         on_second = _ask(b, "How can I export my data to CSV?")
         on_late = _ask(c, "How can I export my data as CSV?")
     assert SEMANTIC.fullmatch(on_second.headers["x-sidecar-cache"])
@@ -175,7 +171,7 @@ def test_expired_entry_leaves_the_semantic_tier(sidecars: SidecarFactory,
     url = sidecars.start(cache=CacheConfig(redis_url=redis_server.url, local_max_bytes=0,
                                            semantic=True))
     upstream = UpstreamCalls(mock)
-    with _client(url) as client:
+    with sdk(url) as client:
         _ask(client, "How do I change my username?", extra_headers={"x-sidecar-cache-ttl": "1"})
         settled(sidecars, url)
         [key] = _stage(sidecars, url).semantic.index.keys()  # type: ignore[union-attr]
@@ -203,7 +199,7 @@ def test_redis_down_leaves_the_semantic_tier_local_and_says_so(
     assert feed is not None and sidecars.lt.call(feed.wait_until())
     redis_server.stop()
     upstream = UpstreamCalls(mock)
-    with _client(url) as client:
+    with sdk(url) as client:
         _ask(client, "How do I add a team member?")
         settled(sidecars, url)
         hit = _ask(client, "How can I add a team member?")
