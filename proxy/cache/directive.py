@@ -2,9 +2,11 @@
 
 Only answers that would come out the same again are cached: temperature 0,
 or no temperature on a model configured as deterministic by default, one
-choice (``n`` = 1), or any request the client opts in (``x-sidecar-cache:
-on``, or a model configured as always cached); embeddings are deterministic
-and cached unless configured off. The client can also say no:
+choice (``n`` = 1; for legacy completions also ``best_of`` = 1), or any
+request the client opts in (``x-sidecar-cache: on``, or a model configured as
+always cached); a legacy completion of several prompts (several choices) is
+cached only when opted in; embeddings are deterministic and cached unless
+configured off. The client can also say no:
 ``x-sidecar-cache: off`` skips the cache, ``Cache-Control: no-cache`` skips
 the lookup (the fresh answer is still stored), ``no-store`` skips storing,
 and ``x-sidecar-cache-ttl`` sets an entry's lifetime in seconds.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
+from proxy.cache.completions import prompt_count
 from proxy.config import CacheConfig
 from proxy.wire.canonical import CanonicalRequest, Endpoint
 
@@ -64,15 +67,25 @@ class CachePolicy:
         n = body.get("n")
         if n is not None and n != 1:
             return None  # several different answers by design
+        if canonical.endpoint is Endpoint.COMPLETIONS:
+            best_of = body.get("best_of")
+            if best_of is not None and best_of != 1:
+                return None  # the upstream samples several and keeps the best: same as n
         model = canonical.model
         if canonical.endpoint is Endpoint.RESPONSES and body.get("conversation") is not None:
             return None  # the upstream appends to the conversation: a hit would skip that
         if canonical.endpoint is Endpoint.EMBEDDINGS:
             if not (opted_in or self._embeddings):
                 return None
-        elif not (opted_in or (self._always is not None and self._always.fullmatch(model))
-                  or _deterministic(body.get("temperature"), model, self._deterministic)):
-            return None
+        else:
+            opted_in = opted_in or (self._always is not None
+                                    and self._always.fullmatch(model) is not None)
+            if not (opted_in or _deterministic(body.get("temperature"), model,
+                                               self._deterministic)):
+                return None
+            if (canonical.endpoint is Endpoint.COMPLETIONS and not opted_in
+                    and prompt_count(body.get("prompt")) != 1):
+                return None  # several prompts, several choices: cached when opted in only
         lookup = store = True
         control = headers.get("Cache-Control")
         if control:

@@ -8,7 +8,8 @@ else stays in, including fields this code does not know: an unknown field
 might change the answer, and a missed hit costs less than a wrong one.
 
 The normalized key is the same hash after the normalized tier rewrote the
-prompt text (``proxy.cache.normalize``); both are scoped to the tenant (or
+prompt text (``proxy.cache.normalize``: chat messages, or a legacy prompt's
+text); both are scoped to the tenant (or
 the namespace, when tenants share) so no one is served another's answer.
 """
 
@@ -59,12 +60,21 @@ class KeyBuilder:
         exact = PREFIX + "x:" + digest(scope, endpoint, body)
         if self.normalizer is None:
             return exact, None
-        # Chat messages only: a legacy prompt is continued as written, where a
-        # trailing colon or a line break is part of what the model continues.
-        messages = body.get("messages")
-        if messages is None:
-            return exact, None
         normal = dict(body)
-        normal["messages"] = self.normalizer.normalize_messages(messages)
+        if canonical.endpoint is Endpoint.COMPLETIONS:
+            # A legacy prompt is continued as written: its ending and line breaks
+            # stay (``normalize_continued``). Token ids, and an infill (``suffix``:
+            # a cursor in a document, nearly always code), are exact only.
+            if body.get("suffix") is not None:
+                return exact, None
+            prompt = self.normalizer.normalize_prompt(body.get("prompt"))
+            if prompt is None:
+                return exact, None
+            normal["prompt"] = prompt
+        else:
+            messages = body.get("messages")
+            if messages is None:
+                return exact, None
+            normal["messages"] = self.normalizer.normalize_messages(messages)
         # Entries normalized another way (other settings, an older version) never match.
         return exact, PREFIX + "n:" + digest(scope + "\x00" + self._signature, endpoint, normal)

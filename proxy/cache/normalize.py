@@ -70,6 +70,11 @@ function results are data and stay byte-exact, as do names, roles, tool
 calls, images, audio and files. Tool definitions and every other request
 field never reach this module.
 
+A legacy completions prompt is text the model continues, not a question it
+answers, so ``normalize_continued`` applies the steps above within lines
+only: line breaks, leading whitespace and the text's ending (trailing
+punctuation included) are kept as written.
+
 Every regular expression is compiled at import or in a constructor.
 """
 
@@ -78,7 +83,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 __all__ = [
@@ -146,6 +151,10 @@ def nfkc(text: str) -> str:
 # --- Case, whitespace, punctuation -------------------------------------------
 
 _WS_RUN: Final = re.compile(r"\s+")
+# Within lines only (legacy prompts keep their line breaks): a run of spaces
+# and tabs, and one that ends a line.
+_LINE_WS_RUN: Final = re.compile(r"[^\S\r\n]+")
+_SPACE_AT_EOL: Final = re.compile(r"[^\S\r\n]+(?=\r?\n)")
 # A quoted string in prose: "...", “...”, «...» or '...' not inside a word (so
 # "what's" is not a quote).
 _QUOTED: Final = re.compile(  # a quote character first: the scan skips prose fast
@@ -465,15 +474,16 @@ class Normalizer:
                 parts[-1] = tail
         return "".join(parts)
 
-    def _prose(self, text: str) -> str:
+    def _prose(self, text: str, fold: Callable[[str], str] | None = None) -> str:
         """Case fold and collapse whitespace, outside quoted strings (kept as written)."""
+        fold = fold or self._fold
         out: list[str] = []
         pos = 0
         for m in _QUOTED.finditer(text):
-            out.append(self._fold(text[pos:m.start()]))
+            out.append(fold(text[pos:m.start()]))
             out.append(m.group())
             pos = m.end()
-        out.append(self._fold(text[pos:]))
+        out.append(fold(text[pos:]))
         return "".join(out)
 
     def _fold(self, prose: str) -> str:
@@ -482,6 +492,50 @@ class Normalizer:
         if self._whitespace:
             prose = _WS_RUN.sub(" ", prose)
         return prose
+
+    def _fold_in_lines(self, prose: str) -> str:
+        if self._case:
+            prose = prose.casefold()
+        if self._whitespace:
+            prose = _LINE_WS_RUN.sub(" ", _SPACE_AT_EOL.sub("", prose))
+        return prose
+
+    def normalize_prompt(self, prompt: Any) -> str | list[str] | None:
+        """A legacy completions ``prompt`` (a string or a list of strings), normalized
+        with ``normalize_continued``; None for token ids, which only the exact tier serves."""
+        if isinstance(prompt, str):
+            return self.normalize_continued(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.normalize_continued(p) for p in prompt]
+        return None
+
+    def normalize_continued(self, text: str) -> str:
+        """Text a model continues (a legacy prompt): ``normalize_text`` within lines.
+
+        A model continues such a text as written, so what shapes the
+        continuation stays: the line breaks (a few-shot layout, code), the
+        leading whitespace, and the whole ending from the last character that
+        is neither whitespace nor ``. ! ? ; : ,`` (``"A:"`` and ``"A"``, or a
+        prompt ending in ``"\\n"`` or a space, continue differently). Between
+        them: NFKC, volatile values when ``user`` is among the volatile roles
+        (a prompt is the user's text), and in prose the case fold and the
+        collapse of space and tab runs (spaces that end a line are dropped).
+        Code segments are kept as in ``normalize_text``.
+        """
+        text = nfkc(text)
+        end = len(text.rstrip(_TRAILING))
+        start = len(text) - len(text.lstrip())
+        if start >= end:
+            return text
+        volatile = self._volatile if "user" in self._volatile_roles else None
+        parts = [text[:start]]
+        for segment in split_code_segments(text[start:end]):
+            part = segment.text if volatile is None else volatile.replace(segment.text)
+            if not segment.code and (self._case or self._whitespace):
+                part = self._prose(part, self._fold_in_lines)
+            parts.append(part)
+        parts.append(text[end:])
+        return "".join(parts)
 
     def normalize_messages(self, messages: Any) -> Any:
         """A new message list with the prose text of each message normalized.

@@ -51,12 +51,13 @@ _MESSAGE_KEYS = frozenset({"role", "content", "refusal", "tool_calls", "function
                            "annotations", "audio"})
 
 
-def new_completion_id() -> str:
-    """A fresh ``chatcmpl-`` id with 29 random alphanumeric characters."""
+def new_completion_id(prefix: str = _ID_PREFIX) -> str:
+    """A fresh id: ``prefix`` (``chatcmpl-``; ``cmpl-`` for a legacy completion) and
+    29 random alphanumeric characters."""
     out = b""
     while len(out) < _ID_CHARS:
         out += os.urandom(40).translate(_ID_TABLE, _ID_REJECT)
-    return _ID_PREFIX + out[:_ID_CHARS].decode("ascii")
+    return prefix + out[:_ID_CHARS].decode("ascii")
 
 
 def fresh_completion(stored: dict[str, Any], now: int, new_id: str) -> bytes:

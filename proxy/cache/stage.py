@@ -1,6 +1,7 @@
 """The cache stage: answer hits before the upstream call, store good answers after it.
 
-Chat completions, Responses API answers (exact tier only;
+Chat completions, legacy completions (exact and normalized tiers;
+``proxy.cache.completions``), Responses API answers (exact tier only;
 ``proxy.cache.responses``) and embeddings (per input item:
 ``proxy.cache.embeddings``). For chat, the tiers are tried in order: the exact
 and normalized keys in one store lookup, then, on a miss, the semantic tier
@@ -20,12 +21,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.cache.assemble import ChatStreamAssembler
+from proxy.cache.completions import (
+    ID_PREFIX,
+    TextStreamAssembler,
+    complete_text,
+    prompt_count,
+    text_chunks,
+)
 from proxy.cache.directive import CACHE_HEADER, BadCacheHeader, CachePolicy, Directive
 from proxy.cache.embeddings import BadUpstreamBatch, Batch, Vector, vectors_from_answer
 from proxy.cache.keys import KeyBuilder
@@ -39,13 +48,15 @@ from proxy.cache.responses import (
 from proxy.cache.semantic import Probe, SemanticTier
 from proxy.cache.semantic_feed import SemanticFeed
 from proxy.cache.store import CacheStore
-from proxy.context import RequestContext, Stage
+from proxy.context import ATTRIBUTE_PREFIX, RequestContext, Stage
 from proxy.wire import errors
 from proxy.wire.canonical import Endpoint
 from proxy.wire.usage import ResponseSummary
 
 TIERS = ("exact", "normalized")
-_CACHED = frozenset({Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.RESPONSES})
+_FALLBACK = ATTRIBUTE_PREFIX + "upstream.fallback_model"
+_CACHED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS,
+                     Endpoint.RESPONSES})
 _SWEEP_EVERY_S = 1.0
 _STORED_FINISH = frozenset({"stop", "tool_calls", "length"})
 
@@ -56,8 +67,9 @@ class _Pending:
 
     keys: list[str]
     ttl_s: int
-    stream: ChatStreamAssembler | ResponsesStreamAssembler | None
+    stream: ChatStreamAssembler | ResponsesStreamAssembler | TextStreamAssembler | None
     probe: Probe | None
+    prompts: int = 1  # legacy completions: the choices a whole answer has
 
 
 class CacheStage(Stage):
@@ -128,13 +140,18 @@ class CacheStage(Stage):
         if directive.store:
             if probe is None and semantic is not None:
                 probe = semantic.probe(scope, canonical)
-            stream: ChatStreamAssembler | ResponsesStreamAssembler | None = None
+            endpoint = canonical.endpoint
+            stream: ChatStreamAssembler | ResponsesStreamAssembler | TextStreamAssembler | None
+            stream = None
             if canonical.stream:
-                stream = (ResponsesStreamAssembler() if canonical.endpoint is Endpoint.RESPONSES
+                stream = (ResponsesStreamAssembler() if endpoint is Endpoint.RESPONSES
+                          else TextStreamAssembler() if endpoint is Endpoint.COMPLETIONS
                           else ChatStreamAssembler())
             if stream is not None:
                 ctx.stream_sink = stream.feed_event_data
-            ctx.cache = _Pending(keys, directive.ttl_s, stream, probe)
+            ctx.cache = _Pending(keys, directive.ttl_s, stream, probe,
+                                 prompt_count(canonical.body.get("prompt"))
+                                 if endpoint is Endpoint.COMPLETIONS else 1)
         return None
 
     async def _embeddings(self, ctx: RequestContext, directive: Directive,
@@ -238,10 +255,12 @@ class CacheStage(Stage):
         ctx.status = 200
         if ctx.canonical.endpoint is Endpoint.RESPONSES:
             return self._serve_response(ctx, fresh_response(stored, now), header)
-        new_id = new_completion_id()
+        text = ctx.canonical.endpoint is Endpoint.COMPLETIONS
+        new_id = new_completion_id(ID_PREFIX) if text else new_completion_id()
         if ctx.canonical.stream:
-            events = sse_chunks(stored, now=now, new_id=new_id,
-                                include_usage=ctx.canonical.client_wants_usage)
+            replay = text_chunks if text else sse_chunks
+            events = replay(stored, now=now, new_id=new_id,
+                            include_usage=ctx.canonical.client_wants_usage)
             summary = ResponseSummary.from_document(stored)
             ctx.stream_summary = ResponseSummary(new_id, summary.model,
                                                  summary.finish_reasons, summary.usage)
@@ -275,8 +294,16 @@ class CacheStage(Stage):
             return
         if not isinstance(pending, _Pending):
             return
-        complete = (complete_response if ctx.canonical.endpoint is Endpoint.RESPONSES
-                    else _complete)
+        if _FALLBACK in ctx.attributes:
+            # An outage's stand-in answer from another model: serving it for the
+            # entry's lifetime would outlast the outage.
+            self.not_stored += 1
+            return
+        endpoint = ctx.canonical.endpoint
+        complete: Callable[[object], bool] = (
+            complete_response if endpoint is Endpoint.RESPONSES
+            else partial(complete_text, prompts=pending.prompts)
+            if endpoint is Endpoint.COMPLETIONS else _complete)
         if pending.stream is not None:
             completion = pending.stream.result()
             value = orjson.dumps(completion) if complete(completion) else None
@@ -334,9 +361,12 @@ class _EmbeddingsPending:
 
 
 def _answer_text(stored: dict[str, Any]) -> str:
-    """What the model said (content, refusal, tool-call arguments), not the envelope's ids."""
+    """What the model said (content, refusal, tool-call arguments, a legacy completion's
+    text), not the envelope's ids."""
     parts: list[str] = []
     for choice in stored.get("choices") or ():
+        if isinstance(choice, dict) and isinstance(text := choice.get("text"), str):
+            parts.append(text)
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
