@@ -27,7 +27,38 @@ control headers:
     Close the connection without answering, or abort it after the headers and
     two chunks.
 
-``GET /v1/mock/stats`` returns the request counters (not counted itself).
+``GET /v1/mock/stats`` returns the request counters (not counted itself):
+``{"requests": {"POST /v1/chat/completions": 3, ...}, "cancelled": 0,
+"models": {"gpt-4o": 2, "gpt-4o-mini": 1}}``. ``models`` counts requests per
+body ``model`` on the generation endpoints, faulted ones included.
+
+Fault table
+-----------
+Headers reach every attempt of a retry or fallback chain alike, so they cannot
+say "model A fails, model B works". The fault table can: a :class:`Fault` keyed
+by the request body's ``model`` applies on the generation endpoints (chat
+completions, completions, embeddings, responses). The exact model is looked up
+first, then the key ``"*"`` (any model). A fault can answer with an error
+``status`` (same body as ``x-mock-error``; ``retry_after`` sets ``retry-after``
+rounded up to whole seconds and the exact ``retry-after-ms``, a 429 without it
+gets 7 s), ``disconnect`` (same values as ``x-mock-disconnect``), and/or wait
+``latency_ms`` first (replacing the configured latency). ``times`` limits it to
+that many matching requests (``None`` = forever); every request that matches
+consumes one, and an exhausted fault is removed, so ``"*"`` can take over.
+
+Per-request headers keep priority: ``x-mock-latency-ms`` overrides the fault's
+latency, and ``x-mock-error`` or ``x-mock-disconnect`` override both its status
+and its disconnect.
+
+In process, use :meth:`MockUpstream.set_fault` / :meth:`MockUpstream.clear_faults`.
+Out of process (neither route is counted in the stats)::
+
+    POST /v1/mock/faults {"model": "gpt-4o", "status": 500, "times": 2}
+    GET /v1/mock/faults       -> {"faults": {"gpt-4o": {..., "times": <remaining>}}}
+    DELETE /v1/mock/faults    -> clears the table
+
+The POST body takes the :class:`Fault` fields besides ``model``; invalid input
+gets a 400 with an OpenAI-style error body.
 
 Run standalone with ``python -m loadtest.mock_upstream --port 8001``.
 """
@@ -48,7 +79,7 @@ import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Final
 
 import orjson
@@ -57,6 +88,7 @@ from aiohttp import BodyPartReader, web
 from proxy.server import loop_factory, wait_for_stop_signal
 
 __all__ = [
+    "Fault",
     "MockConfig",
     "MockStats",
     "MockUpstream",
@@ -93,6 +125,8 @@ class RecordedRequest:
     headers: list[tuple[str, str]]
     body: bytes
     """Request body; ``b""`` for multipart requests and bodies over 1 MiB."""
+    model: str | None = None
+    """The body's ``model`` on the generation endpoints, else ``None``."""
 
 
 class MockStats:
@@ -112,12 +146,16 @@ class MockStats:
         """Requests or streams aborted by the client (disconnect / cancellation)."""
         self.last_requests: collections.deque[RecordedRequest] = collections.deque(maxlen=64)
         """The most recent requests, oldest first."""
+        self.models: collections.Counter[str] = collections.Counter()
+        """Generation requests keyed by the body's ``model`` (faulted ones included)."""
 
     def record(self, request: RecordedRequest) -> None:
         """Count ``request`` and keep it in :attr:`last_requests`."""
         key = f"{request.method} {request.path}"
         with self._cond:
             self.requests[key] += 1
+            if request.model is not None:
+                self.models[request.model] += 1
             self.last_requests.append(request)
             self._cond.notify_all()
 
@@ -151,6 +189,7 @@ class MockStats:
             self.requests.clear()
             self.cancelled = 0
             self.last_requests.clear()
+            self.models.clear()
             self._cond.notify_all()
 
 
@@ -179,6 +218,74 @@ class StoredFile:
         }
 
 
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; JSON true must not count as 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the mock does to requests for one model (see "Fault table" above).
+
+    Raises ``ValueError`` on invalid values.
+    """
+
+    status: int | None = None
+    """Answer with this error status (400-599) and an OpenAI-style error body."""
+    retry_after: float | None = None
+    """Seconds for ``retry-after`` (rounded up) and ``retry-after-ms``; needs ``status``."""
+    disconnect: str | None = None
+    """``"before-headers"`` or ``"mid-stream"``, like ``x-mock-disconnect``."""
+    latency_ms: float | None = None
+    """Delay before answering (replaces the configured latency)."""
+    times: int | None = None
+    """Number of matching requests the fault applies to; ``None`` = forever."""
+
+    def __post_init__(self) -> None:
+        """Validate the fields."""
+        if self.status is not None and not (_is_int(self.status) and 400 <= self.status <= 599):
+            raise ValueError("status must be an integer from 400 to 599")
+        if self.disconnect is not None and self.disconnect not in _DISCONNECTS:
+            raise ValueError("disconnect must be 'before-headers' or 'mid-stream'")
+        if self.status is not None and self.disconnect is not None:
+            raise ValueError("status and disconnect are mutually exclusive")
+        for name in ("retry_after", "latency_ms"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            ):
+                raise ValueError(f"{name} must be a non-negative number")
+        if self.retry_after is not None and self.status is None:
+            raise ValueError("retry_after needs a status")
+        if self.times is not None and not (_is_int(self.times) and self.times >= 1):
+            raise ValueError("times must be a positive integer")
+
+
+_FAULT_FIELDS: Final = frozenset(f.name for f in fields(Fault))
+
+
+def _parse_fault(doc: object) -> tuple[str, Fault]:
+    """Parse a ``POST /v1/mock/faults`` body; raises ``ValueError`` if invalid."""
+    if not isinstance(doc, dict):
+        raise ValueError("the body must be a JSON object")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("'model' must be a non-empty string")
+    unknown = sorted(k for k in doc if k != "model" and k not in _FAULT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(map(str, unknown))}")
+    return model, Fault(**{k: v for k, v in doc.items() if k != "model"})
+
+
+@dataclass(slots=True)
+class _ActiveFault:
+    fault: Fault
+    remaining: int | None
+
+
 # ---------------------------------------------------------------------------
 # Precomputed constants
 
@@ -191,6 +298,7 @@ _MAX_RECORDED_BODY: Final = 1 << 20
 _CLIENT_MAX_SIZE: Final = 256 << 20
 _FILE_CHUNK: Final = 64 << 10
 _MID_STREAM_EVENTS: Final = 2
+_DISCONNECTS: Final = ("before-headers", "mid-stream")
 
 _JSON_CT: Final = "application/json"
 _SSE_CT: Final = "text/event-stream; charset=utf-8"
@@ -505,6 +613,8 @@ class _Ctx:
     tps: float
     tokens: int
     mid_stream: bool
+    req: dict[str, Any] | None = None
+    """The parsed JSON body on the generation endpoints (``None`` if not an object)."""
 
 
 _Handler = Callable[[web.Request, _Ctx], Awaitable[web.StreamResponse]]
@@ -527,6 +637,44 @@ class MockUpstream:
         self.base_url: str | None = None
         """``http://host:port/v1`` once started."""
         self._runner: web.AppRunner | None = None
+        # Fault table by model. Mutated under the lock (the test thread and the
+        # server loop both write it); the request path peeks at it unlocked.
+        self._faults: dict[str, _ActiveFault] = {}
+        self._faults_lock = threading.Lock()
+
+    # -- fault table ----------------------------------------------------------
+
+    def set_fault(self, model: str, fault: Fault) -> None:
+        """Apply ``fault`` to requests for ``model`` (``"*"``: any model), replacing any."""
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        with self._faults_lock:
+            self._faults[model] = _ActiveFault(fault, fault.times)
+
+    def clear_faults(self) -> None:
+        """Remove every fault."""
+        with self._faults_lock:
+            self._faults.clear()
+
+    def faults(self) -> dict[str, Fault]:
+        """Snapshot of the table; ``times`` is what remains of each fault."""
+        with self._faults_lock:
+            return {m: replace(a.fault, times=a.remaining) for m, a in self._faults.items()}
+
+    def _take_fault(self, model: str | None) -> Fault | None:
+        """Return the fault for ``model`` (exact, then ``"*"``), consuming one use."""
+        if model is None or not self._faults:  # unlocked peek: atomic under the GIL
+            return None
+        with self._faults_lock:
+            key = model if model in self._faults else "*"
+            active = self._faults.get(key)
+            if active is None:
+                return None
+            if active.remaining is not None:
+                active.remaining -= 1
+                if active.remaining <= 0:
+                    del self._faults[key]
+            return active.fault
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -535,10 +683,10 @@ class MockUpstream:
         app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
         router = app.router
         wrap = self._wrap
-        router.add_post("/v1/chat/completions", wrap(self._chat_completions))
-        router.add_post("/v1/completions", wrap(self._completions))
-        router.add_post("/v1/embeddings", wrap(self._embeddings))
-        router.add_post("/v1/responses", wrap(self._responses))
+        router.add_post("/v1/chat/completions", wrap(self._chat_completions, parse=True))
+        router.add_post("/v1/completions", wrap(self._completions, parse=True))
+        router.add_post("/v1/embeddings", wrap(self._embeddings, parse=True))
+        router.add_post("/v1/responses", wrap(self._responses, parse=True))
         router.add_get("/v1/models", wrap(self._list_models))
         router.add_get("/v1/models/{model}", wrap(self._get_model))
         router.add_post("/v1/files", wrap(self._upload_file, read_body=False))
@@ -551,6 +699,9 @@ class MockUpstream:
         router.add_route("*", "/v1/mock/echo/{tail:.*}", echo)
         # Not wrapped: reading the counters must not count as a request.
         router.add_get("/v1/mock/stats", self._stats_json)
+        router.add_post("/v1/mock/faults", self._set_fault_json)
+        router.add_get("/v1/mock/faults", self._faults_json)
+        router.add_delete("/v1/mock/faults", self._clear_faults_json)
         # Registered last: aiohttp falls through to it for unknown paths and
         # for known paths with the wrong method, like OpenAI's "Invalid URL".
         router.add_route("*", "/{tail:.*}", wrap(self._not_found))
@@ -559,8 +710,31 @@ class MockUpstream:
     async def _stats_json(self, request: web.Request) -> web.Response:
         """Request counters, for benchmarks whose mock runs in another process."""
         return web.Response(body=orjson.dumps({"requests": dict(self.stats.requests),
-                                               "cancelled": self.stats.cancelled}),
+                                               "cancelled": self.stats.cancelled,
+                                               "models": dict(self.stats.models)}),
                             content_type="application/json")
+
+    async def _faults_json(self, request: web.Request) -> web.Response:
+        """The fault table (``times``: remaining uses)."""
+        table = {m: asdict(f) for m, f in self.faults().items()}
+        return web.Response(body=orjson.dumps({"faults": table}), content_type="application/json")
+
+    async def _set_fault_json(self, request: web.Request) -> web.Response:
+        """``POST /v1/mock/faults``: add or replace one model's fault."""
+        start = time.perf_counter()
+        try:
+            model, fault = _parse_fault(orjson.loads(await request.read()))
+        except orjson.JSONDecodeError:
+            return self._bad_json(start)
+        except (ValueError, TypeError) as exc:
+            return self._error(start, 400, f"Invalid fault: {exc}", code="invalid_value")
+        self.set_fault(model, fault)
+        return await self._faults_json(request)
+
+    async def _clear_faults_json(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/mock/faults``: clear the table."""
+        self.clear_faults()
+        return await self._faults_json(request)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening and return the base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
@@ -597,10 +771,12 @@ class MockUpstream:
 
     # -- request plumbing ---------------------------------------------------
 
-    def _wrap(self, handler: _Handler, *, read_body: bool = True) -> _Endpoint:
+    def _wrap(self, handler: _Handler, *, read_body: bool = True, parse: bool = False) -> _Endpoint:
+        """``parse``: a generation endpoint (JSON body, model stats, fault table)."""
+
         async def endpoint(request: web.Request) -> web.StreamResponse:
             try:
-                return await self._serve(request, handler, read_body)
+                return await self._serve(request, handler, read_body, parse)
             except asyncio.CancelledError:
                 # With handler_cancellation this is how a client disconnect
                 # surfaces; counting it is the point of the stat.
@@ -610,9 +786,9 @@ class MockUpstream:
         return endpoint
 
     async def _serve(
-        self, request: web.Request, handler: _Handler, read_body: bool
+        self, request: web.Request, handler: _Handler, read_body: bool, parse: bool = False
     ) -> web.StreamResponse:
-        """Record the request, apply control headers, then run ``handler``."""
+        """Record the request, apply control headers and faults, then run ``handler``."""
         start = time.perf_counter()
         body = await request.read() if read_body and request.body_exists else b""
         recorded = body
@@ -620,6 +796,10 @@ class MockUpstream:
             body and request.content_type.startswith("multipart/")
         ):
             recorded = b""
+        req = _parse_object(body) if parse else None
+        model = req.get("model") if req is not None else None
+        if not isinstance(model, str):
+            model = None
         self.stats.record(
             RecordedRequest(
                 request.method,
@@ -627,16 +807,29 @@ class MockUpstream:
                 request.rel_url.raw_query_string,
                 list(request.headers.items()),
                 recorded,
+                model,
             )
         )
+        fault = self._take_fault(model)
 
         headers = request.headers
         config = self.config
-        latency_ms = _float_header(headers.get("x-mock-latency-ms"), config.latency_ms)
+        default_latency = config.latency_ms
+        if fault is not None and fault.latency_ms is not None:
+            default_latency = fault.latency_ms
+        latency_ms = _float_header(headers.get("x-mock-latency-ms"), default_latency)
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
 
         disconnect = headers.get("x-mock-disconnect")
+        error = headers.get("x-mock-error")
+        retry_after: float | None = None
+        # Either outcome header overrides the fault's whole outcome.
+        if fault is not None and disconnect is None and error is None:
+            disconnect = fault.disconnect
+            if fault.status is not None:
+                error = str(fault.status)
+                retry_after = fault.retry_after
         if disconnect == "before-headers":
             transport = request.transport
             if transport is not None:
@@ -645,9 +838,8 @@ class MockUpstream:
             # ConnectionError, which it swallows without logging.
             return web.Response()
 
-        error = headers.get("x-mock-error")
         if error is not None:
-            return self._injected_error(error, start)
+            return self._injected_error(error, start, retry_after)
 
         ctx = _Ctx(
             start=start,
@@ -656,6 +848,7 @@ class MockUpstream:
             tps=_float_header(headers.get("x-mock-tps"), config.tokens_per_second),
             tokens=_int_header(headers.get("x-mock-tokens"), config.completion_tokens),
             mid_stream=disconnect == "mid-stream",
+            req=req,
         )
         response = await handler(request, ctx)
         if ctx.mid_stream and isinstance(response, web.Response) and not response.prepared:
@@ -678,7 +871,9 @@ class MockUpstream:
             headers=_headers(start),
         )
 
-    def _injected_error(self, value: str, start: float) -> web.Response:
+    def _injected_error(
+        self, value: str, start: float, retry_after: float | None = None
+    ) -> web.Response:
         try:
             status = int(value)
         except ValueError:
@@ -692,6 +887,9 @@ class MockUpstream:
         headers = _headers(start)
         if status == 429:
             headers.update(_RATE_LIMIT_HEADERS)
+        if retry_after is not None:
+            headers["retry-after"] = str(math.ceil(retry_after))
+            headers["retry-after-ms"] = str(round(retry_after * 1000))
         return web.Response(
             status=status,
             body=_error_body(kind[2], kind[0], None, kind[1]),
@@ -784,7 +982,7 @@ class MockUpstream:
     # -- endpoints: generation ----------------------------------------------
 
     async def _chat_completions(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
-        req = _parse_object(ctx.body)
+        req = ctx.req
         if req is None:
             return self._bad_json(ctx.start)
         model = req.get("model")
@@ -943,7 +1141,7 @@ class MockUpstream:
         return await self._stream(request, ctx, [], paced, post, lead=1)
 
     async def _completions(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
-        req = _parse_object(ctx.body)
+        req = ctx.req
         if req is None:
             return self._bad_json(ctx.start)
         model = req.get("model")
@@ -1005,7 +1203,7 @@ class MockUpstream:
         return await self._stream(request, ctx, [], paced, post)
 
     async def _embeddings(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
-        req = _parse_object(ctx.body)
+        req = ctx.req
         if req is None:
             return self._bad_json(ctx.start)
         model = req.get("model")
@@ -1046,7 +1244,7 @@ class MockUpstream:
         return self._json(ctx.start, orjson.dumps(payload))
 
     async def _responses(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
-        req = _parse_object(ctx.body)
+        req = ctx.req
         if req is None:
             return self._bad_json(ctx.start)
         model = req.get("model")

@@ -36,10 +36,16 @@ from proxy.pipeline import Pipeline, default_stages
 from proxy.ratelimit.limiter import Limiter
 from proxy.ratelimit.policy import Policy
 from proxy.ratelimit.stage import LimitStage
+from proxy.retry import RetryPolicy
+from proxy.routing.budget import BudgetBook
+from proxy.routing.catalog import Catalog, build_catalog
+from proxy.routing.classifier import Classifier, load_default_rules
+from proxy.routing.policy import CONSERVATIVE, Router
+from proxy.routing.stage import RouteStage
 from proxy.telemetry.prometheus import MetricsServer
 from proxy.telemetry.providers import Providers, build_providers, telemetry_disabled
 from proxy.telemetry.stage import TelemetryStage
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, Upstreams
 from proxy.wire import errors
 from proxy.wire.canonical import Endpoint
 
@@ -94,17 +100,18 @@ class _Components:
     """The long-lived parts of one app, started and stopped in a fixed order."""
 
     cfg: SidecarConfig
-    upstream: Upstream
+    upstreams: Upstreams
     pipeline: Pipeline
     providers: Providers | None
     limiter: Limiter | None
     cache: CacheStore | None
     feed: SemanticFeed | None
+    budgets: BudgetBook | None
     metrics_server: MetricsServer | None
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:
         """The app's cleanup context: start everything, yield while serving, stop it all."""
-        await self.upstream.start()
+        await self.upstreams.start()
         self.pipeline.settler.start()
         if self.providers is not None:
             await self.providers.start()
@@ -112,7 +119,9 @@ class _Components:
             await self.limiter.start()
         if self.feed is not None:
             await self.feed.start()
-        log.info("upstream pool open for %s", self.upstream.host)
+        if self.budgets is not None:
+            await self.budgets.start()
+        log.info("upstream pool open for %s", self.upstreams.default.host)
         if self.metrics_server is not None:
             log.info("prometheus metrics on %s", await self.metrics_server.start())
         yield
@@ -120,7 +129,9 @@ class _Components:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.pipeline.settler.stop(limit_s)
-        await self.upstream.close()
+        await self.upstreams.close()
+        if self.budgets is not None:
+            await self.budgets.close()
         if self.limiter is not None:
             await self.limiter.close()
         if self.feed is not None:
@@ -140,13 +151,18 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     env = os.environ if env is None else env
     app = web.Application(client_max_size=cfg.server.max_body_bytes)
     upstream = Upstream(cfg.upstream)
+    upstreams = Upstreams(upstream, {name: Upstream(u) for name, u in cfg.upstreams.items()})
+    catalog = build_catalog(cfg.routing.catalog)
+    budgets = (BudgetBook(cfg.routing.budgets, cfg.routing.redis_url, cfg.routing.timeout_ms)
+               if cfg.routing.budgets else None)
+    route = _route_stage(cfg, catalog, budgets)
     limiter = Limiter(cfg.ratelimit) if cfg.ratelimit.rules else None
     limit = (LimitStage(Policy(cfg.ratelimit), limiter, cfg.ratelimit.max_queued)
              if limiter else None)
     cache_store = CacheStore(cfg.cache) if cfg.cache.enabled else None
     cache = _cache_stage(cfg.cache, cache_store) if cache_store is not None else None
     feed = cache.feed if cache is not None else None
-    stages: list[Stage] = default_stages(cfg, limit, cache)
+    stages: list[Stage] = default_stages(cfg, limit, cache, route)
     providers = None
     if cfg.telemetry.enabled and not telemetry_disabled(env):
         providers = build_providers(env, cfg.telemetry.service_name,
@@ -161,9 +177,10 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
             observer = telemetry.instruments.passthrough_done
             if limiter is not None:
                 limiter.observe(telemetry.instruments)
-    pipeline = Pipeline(cfg, upstream, stages)
+    pipeline = Pipeline(cfg, upstreams, stages, RetryPolicy(cfg.routing.retry, catalog))
     passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes, observer)
     health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())
+    _register_routing(health, upstreams, catalog, route, budgets)
     if limiter is not None:
         health.register("ratelimit", limiter.health)
     if cache_store is not None:
@@ -181,8 +198,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
             app[METRICS] = metrics_server = MetricsServer(
                 providers.instruments, cfg.telemetry.prometheus_host,
                 cfg.telemetry.prometheus_port or 0)
-    components = _Components(cfg, upstream, pipeline, providers, limiter, cache_store, feed,
-                             metrics_server)
+    components = _Components(cfg, upstreams, pipeline, providers, limiter, cache_store, feed,
+                             budgets, metrics_server)
 
     async def on_shutdown(app: web.Application) -> None:
         lifecycle.stopping = True
@@ -191,6 +208,39 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     app.on_shutdown.append(on_shutdown)
     _add_routes(app, pipeline, passthrough, health)
     return app
+
+
+def _route_stage(cfg: SidecarConfig, catalog: Catalog,
+                 budgets: BudgetBook | None) -> RouteStage:
+    rt = cfg.routing
+    rules = list(rt.classifier_rules) if rt.classifier_rules is not None \
+        else load_default_rules()
+    policies = rt.policies or (CONSERVATIVE if rt.preset == "conservative" else ())
+    router = Router(catalog, policies, Classifier(rules), rt.default_output_tokens)
+    return RouteStage(catalog, router, budgets, dry_run=rt.mode == "dry_run")
+
+
+def _register_routing(health: HealthRegistry, upstreams: Upstreams, catalog: Catalog,
+                      route: RouteStage, budgets: BudgetBook | None) -> None:
+    for name, named in upstreams.named.items():
+        # Only the default upstream is critical: a fallback's outage must not
+        # take the pod out of service.
+        health.register(f"upstream:{name}", named.health)
+    health.register("router", _router_health(catalog, route))
+    if budgets is not None:
+        health.register("budgets", budgets.health)
+
+
+def _router_health(catalog: Catalog, route: RouteStage) -> Check:
+    async def check() -> Health:
+        details: dict[str, object] = {
+            "catalog_models": len(catalog), "catalog_as_of": catalog.as_of,
+            "policies": [p.name for p in route.router.policies],
+            "mode": "dry_run" if route.dry_run else "enforce"}
+        if route.budgets is not None:
+            details["budgets"] = route.budgets.snapshot()
+        return Health(State.OK, "", details)
+    return check
 
 
 def _cache_stage(cfg: CacheConfig, store: CacheStore) -> CacheStage:

@@ -288,6 +288,133 @@ class CacheConfig:
         "normalized tiers only).", gt=0))
 
 
+CAPABILITIES = ("tools", "parallel_tool_calls", "vision", "json_schema", "reasoning",
+                "sampling", "audio")
+TIERS = ("simple", "standard", "complex")
+BUDGET_DIMENSIONS = ("namespace", "tenant", "agent")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One model of the catalog: where it is served, its prices and what it can do.
+
+    An entry in ``routing.catalog`` with the name of a shipped model replaces
+    only the fields it sets; a new name adds a model.
+    """
+
+    upstream: str | None = field(default=None, metadata=_meta(
+        "Name of the upstream serving it (a key of `upstreams`; null: the default one)."))
+    input_per_1m: float | None = field(default=None, metadata=_meta(
+        "USD per 1M input tokens.", ge=0))
+    cached_input_per_1m: float | None = field(default=None, metadata=_meta(
+        "USD per 1M cached input tokens (null: the input price).", ge=0))
+    output_per_1m: float | None = field(default=None, metadata=_meta(
+        "USD per 1M output tokens (reasoning tokens included).", ge=0))
+    context_window: int | None = field(default=None, metadata=_meta(
+        "Input + output tokens the model accepts.", gt=0))
+    max_output: int | None = field(default=None, metadata=_meta(
+        "Most output tokens one answer may have.", gt=0))
+    capabilities: tuple[str, ...] | None = field(default=None, metadata=_meta(
+        "What it supports: " + ", ".join(CAPABILITIES) + "."))
+    serves: str | None = field(default=None, metadata=_meta(
+        "The model name sent upstream, if not the catalog name (e.g. an Azure deployment)."))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatchConfig:
+    """Which requests a policy or budget covers: globs on namespace and agent."""
+
+    namespace: str = field(default="*", metadata=_meta("Namespace glob."))
+    agent: str = field(default="*", metadata=_meta(
+        "Agent id glob (requests without x-agent-id match '*' only)."))
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicyConfig:
+    """Which requested models may be replaced, and by what, per request tier."""
+
+    name: str = field(metadata=_meta("Unique policy name (traces, metrics, /status)."))
+    match: RouteMatchConfig = field(default_factory=RouteMatchConfig, metadata=_meta(
+        "Requests it applies to (first matching policy wins)."))
+    substitute: tuple[str, ...] = field(default=(), metadata=_meta(
+        "Globs of requested models that may be replaced; others are never touched."))
+    tiers: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_meta(
+        "Per tier (simple, standard, complex), candidate models cheapest first. The first "
+        "cheaper than the requested one that has every capability the request uses and "
+        "whose context fits is chosen; none: the requested model stands."))
+    max_cost_usd: dict[str, float] = field(default_factory=dict, metadata=_meta(
+        "Per tier, the highest estimated cost of one request a candidate may have."))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """Spend allowed per day and per month, for each group of requests it covers."""
+
+    name: str = field(metadata=_meta("Unique budget name (429 messages, /status, metrics)."))
+    per: tuple[str, ...] = field(default=("namespace",), metadata=_meta(
+        "Dimensions that get their own spend: namespace, tenant, agent."))
+    match: RouteMatchConfig = field(default_factory=RouteMatchConfig, metadata=_meta(
+        "Requests it covers."))
+    daily_usd: float | None = field(default=None, metadata=_meta(
+        "Spend per UTC day.", gt=0))
+    monthly_usd: float | None = field(default=None, metadata=_meta(
+        "Spend per UTC month.", gt=0))
+    soft_share: float = field(default=0.8, metadata=_meta(
+        "Past this share of a limit, requests route one tier down (more aggressively).",
+        gt=0, le=1))
+    on_hard: str = field(default="deny", metadata=_meta(
+        "At the limit: deny (429 budget_exceeded) or cheapest (only the policy's "
+        "cheapest candidate that fits; deny if none).", choices=("deny", "cheapest")))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Retries on the same model, then fallbacks, on upstream 429/5xx/timeouts/disconnects."""
+
+    max_retries: int = field(default=1, metadata=_meta(
+        "Retries on the same model before the fallback chain (0: none). Never for 4xx "
+        "other than 429, never once a stream has started reaching the client. One by "
+        "default: the agent's SDK retries too, and retries multiply.", ge=0))
+    backoff_ms: float = field(default=200.0, metadata=_meta(
+        "First retry's delay; doubled each time, with jitter.", ge=0))
+    max_backoff_ms: float = field(default=5000.0, metadata=_meta(
+        "Longest delay between two attempts.", ge=0))
+    max_retry_after_s: float = field(default=10.0, metadata=_meta(
+        "A 429/503 whose Retry-After asks for longer than this is not retried on the same "
+        "model (the fallback chain is tried, else the client gets it).", ge=0))
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_meta(
+        "Per model glob (first match wins), the models to try in order once its retries "
+        "are spent; each may live on another upstream."))
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Model catalog, cost-aware routing, budgets, retries and fallbacks."""
+
+    mode: str = field(default="enforce", metadata=_meta(
+        "enforce: rewrite the model; dry_run: decide, log and trace, but send the "
+        "requested model.", choices=("enforce", "dry_run")))
+    catalog: dict[str, ModelConfig] = field(default_factory=dict, metadata=_meta(
+        "Models added to or changed in the shipped catalog (proxy/routing/data/catalog.yaml)."))
+    preset: str | None = field(default=None, metadata=_meta(
+        "A shipped policy used when `policies` is empty: conservative (simple requests "
+        "only, within a model family).", choices=("conservative",)))
+    policies: tuple[RoutePolicyConfig, ...] = field(default=(), metadata=_meta(
+        "Routing policies, first match wins. None (and no preset): models are never "
+        "rewritten."))
+    classifier_rules: tuple[dict[str, Any], ...] | None = field(default=None, metadata=_meta(
+        "Tier rules replacing the shipped ones (proxy/routing/data/classifier.yaml)."))
+    budgets: tuple[BudgetConfig, ...] = field(default=(), metadata=_meta("Spend budgets."))
+    redis_url: str | None = field(default=None, repr=False, metadata=_meta(
+        "Redis holding budget spend shared by all replicas (null: per replica)."))
+    timeout_ms: float = field(default=20.0, metadata=_meta(
+        "Budget for one Redis call; past it the local spend decides.", gt=0))
+    default_output_tokens: int = field(default=512, metadata=_meta(
+        "Output tokens assumed for a cost estimate when a request sets no limit.", gt=0))
+    retry: RetryConfig = field(default_factory=RetryConfig, metadata=_meta(
+        "Retries and fallbacks."))
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """The whole configuration. ``source`` records where it came from, for /status."""
@@ -299,6 +426,10 @@ class SidecarConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict, metadata=_meta(
+        "More OpenAI-compatible upstreams by name, for models the catalog places there. "
+        "The agent's own key is never sent to them: each uses its api_key or none."))
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: str = field(default="embedded defaults", compare=False,
                         metadata=_meta("(set by the loader)"))
 
@@ -410,6 +541,8 @@ _INVALID = object()
 
 
 def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    if tp is Any:  # free-form data another module validates (classifier rules)
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -494,6 +627,89 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
         problems.append("identity.agent_header: must not be empty")
     _check_rules(cfg.ratelimit, problems)
     _check_cache(cfg.cache, problems)
+    for name, up in cfg.upstreams.items():
+        _check_upstream(up, f"upstreams.{name}", problems)
+        if name == "default":
+            problems.append("upstreams.default: reserved for the `upstream` section")
+    _check_routing(cfg, problems)
+
+
+def _check_upstream(up: UpstreamConfig, where: str, problems: list[str]) -> None:
+    try:
+        url = URL(up.base_url)
+    except (ValueError, TypeError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        problems.append(f"{where}.base_url: must be an http(s) URL with a host")
+    elif url.user is not None or url.password is not None:
+        problems.append(f"{where}.base_url: must not contain credentials")
+    if up.api_key_env and not up.api_key and not os.environ.get(up.api_key_env):
+        problems.append(f"{where}.api_key_env: environment variable {up.api_key_env} "
+                        f"is not set or empty")
+
+
+def _check_routing(cfg: SidecarConfig, problems: list[str]) -> None:
+    from proxy.routing.catalog import CatalogError, build_catalog
+    from proxy.routing.classifier import Classifier, ClassifierError
+
+    rt = cfg.routing
+    try:
+        catalog = build_catalog(rt.catalog)
+    except CatalogError as exc:
+        problems.extend(exc.problems)
+        return
+    upstreams = set(cfg.upstreams)
+
+    def usable(model: str, where: str) -> None:
+        spec = catalog.get(model)
+        if spec is None:
+            problems.append(f"{where}: model {model!r} is not in the catalog "
+                            f"(add it under routing.catalog)")
+        elif spec.upstream is not None and spec.upstream not in upstreams:
+            problems.append(f"{where}: model {model!r} is served by upstream "
+                            f"{spec.upstream!r}, which is not configured under upstreams")
+
+    for name, entry in rt.catalog.items():
+        if entry.upstream is not None and entry.upstream not in upstreams:
+            problems.append(f"routing.catalog.{name}.upstream: no upstream named "
+                            f"{entry.upstream!r} under upstreams")
+    seen: set[str] = set()
+    for i, pol in enumerate(rt.policies):
+        where = f"routing.policies[{i}]"
+        if pol.name in seen:
+            problems.append(f"{where}.name: duplicate policy name {pol.name!r}")
+        seen.add(pol.name)
+        for tier, models in pol.tiers.items():
+            if tier not in TIERS:
+                problems.append(f"{where}.tiers.{tier}: unknown tier (one of "
+                                f"{', '.join(TIERS)})")
+            for j, model in enumerate(models):
+                usable(model, f"{where}.tiers.{tier}[{j}]")
+        for tier, ceiling in pol.max_cost_usd.items():
+            if tier not in TIERS:
+                problems.append(f"{where}.max_cost_usd.{tier}: unknown tier")
+            elif ceiling < 0:
+                problems.append(f"{where}.max_cost_usd.{tier}: must be >= 0, got {ceiling}")
+    names: set[str] = set()
+    for i, budget in enumerate(rt.budgets):
+        where = f"routing.budgets[{i}]"
+        if budget.name in names:
+            problems.append(f"{where}.name: duplicate budget name {budget.name!r}")
+        names.add(budget.name)
+        for dim in budget.per:
+            if dim not in BUDGET_DIMENSIONS:
+                problems.append(f"{where}.per: unknown dimension {dim!r} "
+                                f"(one of {', '.join(BUDGET_DIMENSIONS)})")
+        if budget.daily_usd is None and budget.monthly_usd is None:
+            problems.append(f"{where}: needs daily_usd or monthly_usd")
+    for glob, chain in rt.retry.fallbacks.items():
+        for j, model in enumerate(chain):
+            usable(model, f"routing.retry.fallbacks.{glob}[{j}]")
+    if rt.classifier_rules is not None:
+        try:
+            Classifier(list(rt.classifier_rules))
+        except ClassifierError as exc:
+            problems.append(f"routing.classifier_rules: {exc}")
 
 
 def _check_cache(cache: CacheConfig, problems: list[str]) -> None:
@@ -571,11 +787,23 @@ def describe_defaults() -> str:
     for section in dataclasses.fields(SidecarConfig):
         if section.name == "source":
             continue
-        lines.append(f"{section.name}:")
         sub = getattr(defaults, section.name)
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            shown = "null" if value is None else yaml.safe_dump(value).strip().removesuffix("...")
-            lines.append(f"  # {f.metadata.get('doc', '')}")
-            lines.append(f"  {f.name}: {shown.strip()}")
+        if not dataclasses.is_dataclass(sub):
+            lines.append(f"# {section.metadata.get('doc', '')}")
+            lines.append(f"{section.name}: {{}}")
+            continue
+        lines.append(f"{section.name}:")
+        _describe(sub, "  ", lines)
     return "\n".join(lines) + "\n"
+
+
+def _describe(obj: Any, indent: str, lines: list[str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        lines.append(f"{indent}# {f.metadata.get('doc', '')}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            _describe(value, indent + "  ", lines)
+            continue
+        shown = "null" if value is None else yaml.safe_dump(value).strip().removesuffix("...")
+        lines.append(f"{indent}{f.name}: {shown.strip()}")

@@ -70,6 +70,15 @@ class RequestContext:
     trace: Any = None
     limit: Any = None
     cache: Any = None
+    route: Any = None
+    # Which configured upstream serves the request (None: the default one) and,
+    # once forwarded, the model that really answered after retries/fallbacks.
+    upstream_name: str | None = None
+    answered_by: str | None = None
+    attempts: int = 0
+    # Set by a stage that wants to see a JSON answer before its headers are sent
+    # (the route stage prices it for x-sidecar-cost-usd).
+    answer_hook: Callable[[RequestContext], None] | None = None
     # Set by a stage that wants each streamed event's data as it is relayed.
     stream_sink: Callable[[bytes], None] | None = None
     # Set by a stage that sent upstream a different request than the client's

@@ -16,24 +16,30 @@ a no-op costs nothing per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import SidecarConfig
-from proxy.context import Identity, RequestContext, RewriteFailed, Stage
+from proxy.context import AttributeValue, Identity, RequestContext, RewriteFailed, Stage
+from proxy.retry import RETRYABLE_KINDS, RetryPolicy, retry_after_s, retryable_status
 from proxy.settle import Settler
-from proxy.upstream import Upstream, UpstreamError
+from proxy.upstream import Upstream, UpstreamError, Upstreams
 from proxy.wire import errors
 from proxy.wire.canonical import BadRequestBody, Endpoint, parse_request
 from proxy.wire.encoding import CorruptBody, DecodedTooLarge, UnsupportedEncoding, decode_body
 from proxy.wire.headers import (
+    ATTEMPTS_HEADER,
+    MODEL_ROUTED_HEADER,
     OVERHEAD_HEADER,
     bearer_token,
     client_response_headers,
+    header_value,
     upstream_request_headers,
 )
 from proxy.wire.sse import StreamTap
@@ -42,6 +48,8 @@ log = logging.getLogger("proxy.pipeline")
 
 _AGENT_ID_MAX = 128
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
+# OpenAI account headers, meaningless (and revealing) to another provider.
+_FIRST_PARTY_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 
 
 class IdentifyStage(Stage):
@@ -82,8 +90,8 @@ class NoCacheStage(Stage):
     name = "cache"
 
 
-class RouteStage(Stage):
-    """Cost-aware model routing. No-op until issue 6."""
+class NoRouteStage(Stage):
+    """Stands in for the route stage when nothing is priced, routed or budgeted."""
 
     name = "route"
 
@@ -95,7 +103,7 @@ class NoLimitStage(Stage):
 
 
 def default_stages(cfg: SidecarConfig, limit: Stage | None = None,
-                   cache: Stage | None = None) -> list[Stage]:
+                   cache: Stage | None = None, route: Stage | None = None) -> list[Stage]:
     """The request stages in journey order (telemetry, when on, wraps them all).
 
     A cache hit answers before the limit stage, so it takes no quota; with
@@ -105,9 +113,10 @@ def default_stages(cfg: SidecarConfig, limit: Stage | None = None,
     identify = IdentifyStage(cfg.identity.namespace, cfg.identity.agent_header)
     limit = limit or NoLimitStage()
     cache = cache or NoCacheStage()
+    route = route or NoRouteStage()
     if cfg.ratelimit.count_cache_hits:
-        return [identify, limit, cache, RouteStage()]
-    return [identify, cache, RouteStage(), limit]
+        return [identify, limit, cache, route]
+    return [identify, cache, route, limit]
 
 
 def _overrides(stage: Stage, hook: str) -> bool:
@@ -117,8 +126,13 @@ def _overrides(stage: Stage, hook: str) -> bool:
 class Pipeline:
     """Runs intercepted requests through the stages and the upstream."""
 
-    def __init__(self, cfg: SidecarConfig, upstream: Upstream, stages: list[Stage]) -> None:
-        self.upstream = upstream
+    def __init__(self, cfg: SidecarConfig, upstreams: Upstream | Upstreams, stages: list[Stage],
+                 retry: RetryPolicy | None = None) -> None:
+        if isinstance(upstreams, Upstream):
+            upstreams = Upstreams(upstreams)
+        self.upstreams = upstreams
+        self.upstream = upstreams.default
+        self.retry = retry if retry is not None and retry.active else None
         self.stages = stages
         self.max_body = cfg.server.max_body_bytes
         self.inject_usage = cfg.upstream.inject_stream_usage
@@ -127,7 +141,8 @@ class Pipeline:
         self._settle_hooks = [s for s in reversed(stages) if _overrides(s, "on_settle")]
         self.settler = Settler(self._settle_hooks)
         self._reject_hooks = [s for s in stages if _overrides(s, "on_reject")]
-        self._urls = {ep: upstream.url(ep.value) for ep in Endpoint}
+        self._urls = {up: {ep: up.url(ep.value) for ep in Endpoint}
+                      for _, up in upstreams.all()}
 
     async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """Serve one intercepted request."""
@@ -206,39 +221,31 @@ class Pipeline:
             merged["include_usage"] = True
             canonical.set("stream_options", merged)
             hide_usage = True
-        headers = upstream_request_headers(ctx.request.headers, self.upstream.api_key,
-                                           identity_encoding=True)
-        headers.popall("Content-Encoding", None)  # the body was decoded to be read
-        if ctx.upstream_headers:
-            headers.update(ctx.upstream_headers)
-        sent = time.perf_counter()
-        sent_ns = time.time_ns()
-        try:
-            resp = await self.upstream.send("POST", self._urls[canonical.endpoint], headers,
-                                            canonical.wire_body(), stream=canonical.stream)
-        except UpstreamError as exc:
-            return self._upstream_failed(ctx, exc, sent, sent_ns)
-        ctx.upstream_s += time.perf_counter() - sent
-        ctx.status = resp.status
-        if self.upstream.is_event_stream(resp):
+        outcome = await self._send(ctx)
+        if isinstance(outcome, web.Response):
+            return outcome
+        resp, upstream, model, sent_ns = outcome
+        if self.upstreams.default.is_event_stream(resp):
             tap = StreamTap(canonical.endpoint, hide_usage, ctx.stream_sink)
-            out = await self.upstream.relay(
+            out = await upstream.relay(
                 ctx.request, resp, lambda h: self._add_headers(ctx, h), tap)
             ctx.stream_summary = tap.summary()
             ctx.first_chunk_ns = tap.first_ns or None
             if tap.failure is not None:
                 ctx.error_kind = tap.failure
-            ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status)
+            ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status,
+                             **self._attempt_attrs(ctx, model))
             return out
         sent = time.perf_counter()
         try:
-            body = await self.upstream.read_body(resp)
+            body = await upstream.read_body(resp)
         except UpstreamError as exc:
             return self._upstream_failed(ctx, exc, sent, sent_ns)
         finally:
             resp.release()
         ctx.upstream_s += time.perf_counter() - sent
-        ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status)
+        ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status,
+                         **self._attempt_attrs(ctx, model))
         ctx.response_body = body  # what the upstream answered (and charged for)
         if ctx.rewrite_body is not None and resp.status == 200:
             try:
@@ -250,10 +257,99 @@ class Pipeline:
                 reply = errors.upstream_failed(f"unusable answer ({exc})")
                 self._add_headers(ctx, reply.headers)
                 return reply
+        if ctx.answer_hook is not None:
+            ctx.answer_hook(ctx)
         headers_out = client_response_headers(resp.headers)
         self._add_headers(ctx, headers_out)
         return web.Response(status=resp.status, reason=resp.reason, body=body,
                             headers=headers_out)
+
+    async def _send(self, ctx: RequestContext
+                    ) -> tuple[aiohttp.ClientResponse, Upstream, str, int] | web.Response:
+        """Send the request upstream, retrying and falling back per the retry policy.
+
+        Returns the response whose head is in (to relay, whatever its status) or
+        the error to answer. Only failures before a response is relayed are retried.
+        """
+        canonical = ctx.canonical
+        route = ctx.route
+        model = first = (route.decision.routed if route is not None and route.applied
+                         else canonical.model)
+        attempts = self.retry.attempts(model) if self.retry is not None else None
+        upstream = self.upstreams.get(ctx.upstream_name)
+        while True:
+            ctx.attempts += 1
+            ctx.answered_by = model
+            sent = time.perf_counter()
+            sent_ns = time.time_ns()
+            try:
+                resp = await upstream.send("POST", self._urls[upstream][canonical.endpoint],
+                                           self._headers(ctx, upstream), canonical.wire_body(),
+                                           stream=canonical.stream)
+            except UpstreamError as exc:
+                nxt = (attempts.next() if attempts is not None and exc.kind in RETRYABLE_KINDS
+                       else None)
+                if nxt is None:
+                    return self._upstream_failed(ctx, exc, sent, sent_ns)
+                ctx.upstream_s += time.perf_counter() - sent
+                ctx.record_phase("upstream", sent_ns, time.time_ns(), error=exc.kind,
+                                 model=model, attempt=ctx.attempts)
+            else:
+                if attempts is None or not retryable_status(resp.status):
+                    break
+                nxt = attempts.next(retry_after_s(resp.headers))
+                if nxt is None:
+                    break
+                # Drained so the pooled connection can be reused; the body is the
+                # upstream's error, which the client will not see.
+                with contextlib.suppress(UpstreamError):
+                    await upstream.read_body(resp)
+                resp.release()
+                ctx.upstream_s += time.perf_counter() - sent
+                ctx.record_phase("upstream", sent_ns, time.time_ns(), status=resp.status,
+                                 model=model, attempt=ctx.attempts)
+            log.info("upstream attempt %d for %s failed; %s %s in %.0f ms", ctx.attempts,
+                     model, "falling back to" if nxt.fallback else "retrying",
+                     nxt.model, nxt.delay_s * 1000)
+            if nxt.fallback:
+                model = nxt.model
+                canonical.set("model", nxt.serves)
+                upstream = self.upstreams.get(nxt.upstream)
+            if nxt.delay_s > 0:
+                await asyncio.sleep(nxt.delay_s)
+        ctx.upstream_s += time.perf_counter() - sent
+        ctx.status = resp.status
+        if ctx.attempts > 1:
+            ctx.response_headers[ATTEMPTS_HEADER] = str(ctx.attempts)
+            ctx.annotate("upstream.attempts", ctx.attempts)
+            if model != first:
+                ctx.annotate("upstream.fallback_model", model)
+                ctx.response_headers[MODEL_ROUTED_HEADER] = header_value(model)
+        return resp, upstream, model, sent_ns
+
+    @staticmethod
+    def _attempt_attrs(ctx: RequestContext, model: str) -> dict[str, AttributeValue]:
+        if ctx.attempts <= 1:
+            return {}
+        return {"model": model, "attempt": ctx.attempts}
+
+    def _headers(self, ctx: RequestContext, upstream: Upstream) -> CIMultiDict[str]:
+        if upstream is self.upstreams.default:
+            headers = upstream_request_headers(ctx.request.headers, upstream.api_key,
+                                               identity_encoding=True)
+        else:
+            # Another provider: the agent's key (and OpenAI account headers) must
+            # never reach it; it gets its own key or none.
+            headers = upstream_request_headers(ctx.request.headers, None,
+                                               identity_encoding=True)
+            for name in _FIRST_PARTY_HEADERS:
+                headers.popall(name, None)
+            if upstream.api_key is not None:
+                headers["Authorization"] = f"Bearer {upstream.api_key}"
+        headers.popall("Content-Encoding", None)  # the body was decoded to be read
+        if ctx.upstream_headers:
+            headers.update(ctx.upstream_headers)
+        return headers
 
     def _upstream_failed(self, ctx: RequestContext, exc: UpstreamError, sent: float,
                          sent_ns: int) -> web.Response:

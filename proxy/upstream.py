@@ -302,3 +302,31 @@ class Upstream:
                               f"{rate:.0%} of the last {len(window)} upstream calls failed",
                               details)
         return Health(State.OK, "", details)
+
+
+class Upstreams:
+    """The default upstream and the named ones models may be placed on (``upstreams``)."""
+
+    def __init__(self, default: Upstream, named: dict[str, Upstream] | None = None) -> None:
+        self.default = default
+        self.named = dict(named or {})
+
+    def get(self, name: str | None) -> Upstream:
+        """The upstream called ``name`` (None: the default); unknown names were refused at load."""
+        if name is None:
+            return self.default
+        return self.named[name]
+
+    def all(self) -> list[tuple[str, Upstream]]:
+        """Every upstream with its name, the default first."""
+        return [("default", self.default), *self.named.items()]
+
+    async def start(self) -> None:
+        """Open every pool."""
+        for _, upstream in self.all():
+            await upstream.start()
+
+    async def close(self) -> None:
+        """Close every pool."""
+        for _, upstream in self.all():
+            await upstream.close()

@@ -291,11 +291,17 @@ async def _replay_upstream(answers: dict[int, bytes]) -> AsyncIterator[str]:
 
 
 def _local_cfg(cfg: SidecarConfig, upstream: str | None = None) -> SidecarConfig:
-    """``cfg`` for an in-process sidecar: loopback, free port, quiet."""
+    """``cfg`` for an in-process sidecar: loopback, free port, quiet.
+
+    Its retries are off: warm retries each line itself (honouring Retry-After),
+    and a fallback model's answer must not be warmed under the requested one.
+    """
     changed = dataclasses.replace(
         cfg, server=dataclasses.replace(cfg.server, host="127.0.0.1", port=0,
                                         access_log=False),
-        telemetry=dataclasses.replace(cfg.telemetry, enabled=False))
+        telemetry=dataclasses.replace(cfg.telemetry, enabled=False),
+        routing=dataclasses.replace(cfg.routing, retry=dataclasses.replace(
+            cfg.routing.retry, max_retries=0, fallbacks={})))
     if upstream is not None:
         changed = dataclasses.replace(changed, upstream=dataclasses.replace(
             cfg.upstream, base_url=upstream, api_key=None, api_key_env=None))

@@ -110,9 +110,9 @@ class _Counter:
                  labels: Sequence[str]) -> None:
         self.name, self.unit, self.description = name, unit, description
         self.labels = tuple(labels)
-        self.series: dict[tuple[LabelValue, ...], int] = {}
+        self.series: dict[tuple[LabelValue, ...], float] = {}
 
-    def add(self, key: tuple[LabelValue, ...], amount: int = 1) -> None:
+    def add(self, key: tuple[LabelValue, ...], amount: float = 1) -> None:
         self.series[key] = self.series.get(key, 0) + amount
 
     def metric(self, start_ns: int, now_ns: int) -> Metric:
@@ -165,6 +165,13 @@ class RequestMeasurements:
     usage: Usage | None
     overhead_s: float | None
     from_cache: bool = False  # answered by the cache: its usage was not spent upstream
+    cost_usd: float | None = None  # what the upstream answer cost (catalog prices)
+    saved_usd: float | None = None  # what a cache hit or a cheaper route avoided
+    saved_by: str = ""
+    route_reason: str = ""  # the router's decision, "" where routing did not run
+    route_tier: str = ""
+    attempts: int = 0  # upstream attempts (retries and fallbacks included)
+    fallback: bool = False
 
 
 class Instruments:
@@ -237,11 +244,34 @@ class Instruments:
             "requests would have spent upstream (gen_ai.client.token.usage counts only "
             "answers that came from the upstream).",
             (*_MODEL_LABELS, "gen_ai.token.type"))
+        self.cost = _Counter(
+            "llm_sidecar.cost", "USD",
+            "What upstream answers cost at the catalog's prices (cached input at its own "
+            "price), by the model that answered.",
+            (*_MODEL_LABELS,))
+        self.cost_saved = _Counter(
+            "llm_sidecar.cost.saved", "USD",
+            "What the sidecar avoided spending, by llm_sidecar.saved_by: cache (a hit's "
+            "answer at its model's prices) or routing (the answer's tokens at the requested "
+            "model's prices minus what the routed model cost).",
+            (*_MODEL_LABELS, "llm_sidecar.saved_by"))
+        self.route_decisions = _Counter(
+            "llm_sidecar.route.decisions", "{decision}",
+            "Routing decisions by reason (routed, no_candidate, opt_out, no_policy "
+            "(no policy may replace the model), unknown_model, budget_cheapest, "
+            "budget_no_candidate, not_routed_endpoint) and request tier.",
+            ("llm_sidecar.route.reason", "llm_sidecar.route.tier"))
+        self.upstream_attempts = _Counter(
+            "llm_sidecar.upstream.retries", "{attempt}",
+            "Upstream attempts beyond the first, by kind: retry (same model) or fallback "
+            "(the request ended on another model).",
+            ("llm_sidecar.retry.kind",))
         self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
             self.passthrough_requests, self.upstream_errors, self.overhead,
             self.ratelimit_decisions, self.ratelimit_duration, self.cache_lookups,
-            self.cache_duration, self.cache_similarity, self.cache_tokens]
+            self.cache_duration, self.cache_similarity, self.cache_tokens, self.cost,
+            self.cost_saved, self.route_decisions, self.upstream_attempts]
         self._models: dict[str, str] = {}
 
     def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
@@ -289,6 +319,15 @@ class Instruments:
             self.token_usage.record(m.usage.input_tokens, (*base, "input"))
             self.token_usage.record(m.usage.output_tokens, (*base, "output"))
         self.requests.add((m.operation, m.status))
+        if m.cost_usd is not None:
+            self.cost.add(base, m.cost_usd)
+        if m.saved_usd:
+            self.cost_saved.add((*base, m.saved_by), m.saved_usd)
+        if m.route_reason:
+            self.route_decisions.add((m.route_reason, m.route_tier))
+        if m.attempts > 1:
+            self.upstream_attempts.add(("fallback" if m.fallback else "retry",),
+                                       m.attempts - 1)
         if m.upstream_error is not None:
             self.upstream_errors.add((m.upstream_error,))
         if m.overhead_s is not None:

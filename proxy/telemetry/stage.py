@@ -50,12 +50,34 @@ from proxy.telemetry.tracecontext import (
 from proxy.wire.canonical import Endpoint
 
 _CACHE_RESULT = ATTRIBUTE_PREFIX + "cache.result"
+_COST = ATTRIBUTE_PREFIX + "cost_usd"
+_SAVED = ATTRIBUTE_PREFIX + "cost.saved_usd"
+_SAVED_BY = ATTRIBUTE_PREFIX + "cost.saved_by"
+_ROUTE_REASON = ATTRIBUTE_PREFIX + "route.reason"
+_ROUTE_TIER = ATTRIBUTE_PREFIX + "route.tier"
+_FALLBACK = ATTRIBUTE_PREFIX + "upstream.fallback_model"
+
+
+def _float(value: AttributeValue | None) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
 _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("max_completion_tokens", "gen_ai.request.max_tokens"),
                    ("max_output_tokens", "gen_ai.request.max_tokens"),
                    ("temperature", "gen_ai.request.temperature"),
                    ("top_p", "gen_ai.request.top_p"))
 _TRACER = "llm-sidecar"
+
+
+def _last_upstream(phases: list[Phase]) -> Phase | None:
+    """The upstream attempt whose answer the client got: its span id is the one propagated.
+
+    Earlier attempts (retries, fallbacks) get span ids of their own.
+    """
+    for phase in reversed(phases):
+        if phase.name == "upstream":
+            return phase
+    return None
 
 
 @dataclass(slots=True)
@@ -163,6 +185,7 @@ class TelemetryStage(Stage):
                     ins.cache_similarity_seen(str(attrs.get("cache.semantic.outcome", "")),
                                               str(attrs.get("cache.semantic.reason", "")),
                                               similarity)
+        attrs = ctx.attributes
         ins.request_done(RequestMeasurements(
             operation=ctx.endpoint.operation, model=ctx.canonical.model,
             status=ctx.status or 0, error=error, upstream_error=ctx.error_kind,
@@ -172,7 +195,14 @@ class TelemetryStage(Stage):
             usage=ctx.usage(),
             overhead_s=(None if ctx.reported_overhead_ms is None
                         else ctx.reported_overhead_ms / 1000),
-            from_cache=ctx.attributes.get(_CACHE_RESULT) == "hit"))
+            from_cache=attrs.get(_CACHE_RESULT) == "hit",
+            cost_usd=_float(attrs.get(_COST)),
+            saved_usd=_float(attrs.get(_SAVED)),
+            saved_by=str(attrs.get(_SAVED_BY, "")),
+            route_reason=str(attrs.get(_ROUTE_REASON, "")),
+            route_tier=str(attrs.get(_ROUTE_TIER, "")),
+            attempts=ctx.attempts,
+            fallback=_FALLBACK in attrs))
 
     def _ship_spans(self, ctx: RequestContext, tr: _Trace, shipper: SpanShipper,
                     error: str | None) -> None:
@@ -184,11 +214,12 @@ class TelemetryStage(Stage):
             name=self._span_name(ctx), kind=SPAN_KIND_SERVER, start_ns=ctx.started_ns,
             end_ns=ctx.finished_ns or ctx.started_ns, attrs=self._attributes(ctx, error),
             error=error is not None, trace_state=tr.trace_state, flags=flags))
+        last_upstream = _last_upstream(ctx.phases)
         for phase in ctx.phases:
             is_upstream = phase.name == "upstream"
             shipper.add(encode_span(
                 trace_id=tr.trace_id,
-                span_id=tr.upstream_span_id if is_upstream else new_span_id(),
+                span_id=tr.upstream_span_id if phase is last_upstream else new_span_id(),
                 parent_span_id=tr.span_id, name=f"{ATTRIBUTE_PREFIX}{phase.name}",
                 kind=SPAN_KIND_CLIENT if is_upstream else SPAN_KIND_INTERNAL,
                 start_ns=phase.start_ns, end_ns=phase.end_ns,
@@ -211,9 +242,10 @@ class TelemetryStage(Stage):
                                  attributes=self._attributes(ctx, error),
                                  start_time=ctx.started_ns)
         inner = trace.set_span_in_context(span)
+        last_upstream = _last_upstream(ctx.phases)
         for phase in ctx.phases:
             is_upstream = phase.name == "upstream"
-            ids.preset(None, tr.upstream_span_id if is_upstream else None)
+            ids.preset(None, tr.upstream_span_id if phase is last_upstream else None)
             child = tracer.start_span(
                 f"{ATTRIBUTE_PREFIX}{phase.name}", context=inner,
                 kind=SpanKind.CLIENT if is_upstream else SpanKind.INTERNAL,

@@ -8,6 +8,8 @@ configuration only.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset({
@@ -26,6 +28,12 @@ _DROP_RESPONSE_KEEP_LENGTH = _DROP_RESPONSE - {"content-length"}
 SIDECAR_PREFIX = "x-sidecar-"
 # Time spent in the sidecar on a request, upstream excluded, on every /v1 answer.
 OVERHEAD_HEADER = "x-sidecar-overhead-ms"
+_HEADER_SAFE = " !#$&'()*+,-./:;<=>?@[]^_`{|}~"
+MODEL_REQUESTED_HEADER = "x-sidecar-model-requested"
+MODEL_ROUTED_HEADER = "x-sidecar-model-routed"  # the model actually sent, after fallbacks
+COST_HEADER = "x-sidecar-cost-usd"
+COST_BASIS_HEADER = "x-sidecar-cost-basis"  # usage | estimate
+ATTEMPTS_HEADER = "x-sidecar-attempts"  # only when more than one upstream attempt was made
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -83,3 +91,14 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str | None:
         return None
     return token.strip() or None
 
+
+def header_value(text: str, limit: int = 200) -> str:
+    """Client-supplied text (a model name) made safe for a response header.
+
+    Printable ASCII passes as it is; anything else (control characters, which
+    would be a header injection, or non-Latin text) is percent-encoded.
+    """
+    text = text[:limit]
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe=_HEADER_SAFE)

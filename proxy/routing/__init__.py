@@ -1,0 +1,1 @@
+"""Cost-aware routing: model catalog, request classifier, policy, budgets."""
