@@ -175,8 +175,9 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
         stages.insert(0, telemetry)
         if telemetry.instruments is not None:
             observer = telemetry.instruments.passthrough_done
-            if limiter is not None:
-                limiter.observe(telemetry.instruments)
+            for gauges in (limiter, budgets):
+                if gauges is not None:
+                    gauges.observe(telemetry.instruments)
     pipeline = Pipeline(cfg, upstreams, stages, RetryPolicy(cfg.routing.retry, catalog))
     passthrough = Passthrough(upstream, cfg.server.max_passthrough_body_bytes, observer)
     health = _health_registry(cfg, upstream, providers, lifecycle := _Lifecycle())

@@ -398,3 +398,16 @@ def test_unix_socket_goes_through_redis_py(tmp_path: Path) -> None:
             assert r.get(key) == b"800000" and 0 < r.ttl(key) <= DAY_TTL_S
     finally:
         server.stop()
+
+
+def test_usage_gauge_reports_the_most_spent_scope_per_period() -> None:
+    async def go() -> dict[tuple[str | int, ...], float]:
+        book = BudgetBook([_budget("team", daily=2.0, monthly=10.0)], None, TIMEOUT_MS)
+        await book.start()
+        await book.charge(book.scopes(PROD), 0.5)
+        await book.charge(book.scopes(Identity("staging", "t2", None)), 1.5)
+        shares = book.usage_shares()
+        await book.close()
+        return shares
+
+    assert _run(go()) == {("team", "day"): 0.75, ("team", "month"): 0.15}

@@ -494,8 +494,8 @@ class Normalizer:
         return prose
 
     def _fold_in_lines(self, prose: str) -> str:
-        if self._case:
-            prose = prose.casefold()
+        # No case fold: a model continues a text in its own case and style, and
+        # a raw prompt is often unfenced code whose identifiers' case matters.
         if self._whitespace:
             prose = _LINE_WS_RUN.sub(" ", _SPACE_AT_EOL.sub("", prose))
         return prose
@@ -518,8 +518,9 @@ class Normalizer:
         is neither whitespace nor ``. ! ? ; : ,`` (``"A:"`` and ``"A"``, or a
         prompt ending in ``"\\n"`` or a space, continue differently). Between
         them: NFKC, volatile values when ``user`` is among the volatile roles
-        (a prompt is the user's text), and in prose the case fold and the
-        collapse of space and tab runs (spaces that end a line are dropped).
+        (a prompt is the user's text), and in prose the collapse of space and tab
+        runs (spaces that end a line are dropped). Case is kept: the model
+        continues the text's own case, and unfenced code is common here.
         Code segments are kept as in ``normalize_text``.
         """
         text = nfkc(text)

@@ -58,6 +58,7 @@ from proxy.config import BudgetConfig
 from proxy.context import Identity
 from proxy.health import Health, State
 from proxy.resp import RespClient
+from proxy.telemetry.instruments import Instruments, LabelValue
 
 log = logging.getLogger("proxy.routing.budget")
 
@@ -513,3 +514,33 @@ class BudgetBook:
         return {"backend": "redis" if self.redis is not None else "local",
                 "breaker": self.breaker.state, "day": day, "month": month,
                 "budgets": budgets}
+
+    def usage_shares(self) -> dict[tuple[LabelValue, ...], float]:
+        """Per (budget, period), the largest share of its limit any tracked scope has spent.
+
+        From the last known values (no Redis call): the gauge a dashboard alerts on.
+        """
+        snap = self.snapshot()
+        shares: dict[tuple[LabelValue, ...], float] = {}
+        for budget in self.budgets:
+            scopes = snap["budgets"][budget.name]["scopes"]
+            for period, limit, spent in (("day", budget.daily_usd, "day_usd"),
+                                         ("month", budget.monthly_usd, "month_usd")):
+                if limit:
+                    shares[(budget.name, period)] = max(
+                        (s[spent] / limit for s in scopes), default=0.0)
+        return shares
+
+    def observe(self, instruments: Instruments) -> None:
+        """Publish budget usage and, with Redis, the breaker state as gauges."""
+        instruments.observe(
+            "llm_sidecar.budget.usage", "1",
+            "Largest share of a budget's limit spent by any scope this replica tracks "
+            "(1 = at the hard limit), by budget and period (day, month).",
+            ("llm_sidecar.budget", "llm_sidecar.budget.period"), self.usage_shares)
+        if self.redis is not None:
+            instruments.observe(
+                "llm_sidecar.budget.breaker.state", "{state}",
+                "Circuit breaker in front of the budgets' Redis: 0 closed, 1 half-open, "
+                "2 open (local spend only).", (),
+                lambda: {(): self.breaker.state_code})
