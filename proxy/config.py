@@ -606,23 +606,7 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, problems: list
 
 
 def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
-    try:
-        url = URL(cfg.upstream.base_url)
-    except (ValueError, TypeError):
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        shown = cfg.upstream.base_url if "@" not in cfg.upstream.base_url else "(not shown)"
-        problems.append(f"upstream.base_url: must be an http(s) URL with a host, got {shown!r}")
-    elif url.query_string or url.fragment:
-        problems.append("upstream.base_url: must not carry a query or fragment")
-    elif url.user is not None or url.password is not None:
-        # It would be logged and shown in /status; keys belong in upstream.api_key.
-        problems.append("upstream.base_url: must not contain credentials "
-                        "(put the key in upstream.api_key or api_key_env)")
-    if cfg.upstream.api_key_env and not cfg.upstream.api_key \
-            and not os.environ.get(cfg.upstream.api_key_env):
-        problems.append(f"upstream.api_key_env: environment variable "
-                        f"{cfg.upstream.api_key_env} is not set or empty")
+    _check_upstream(cfg.upstream, "upstream", problems)
     if not cfg.identity.agent_header.strip():
         problems.append("identity.agent_header: must not be empty")
     _check_rules(cfg.ratelimit, problems)
@@ -640,12 +624,31 @@ def _check_upstream(up: UpstreamConfig, where: str, problems: list[str]) -> None
     except (ValueError, TypeError):
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        problems.append(f"{where}.base_url: must be an http(s) URL with a host")
+        shown = up.base_url if "@" not in up.base_url else "(not shown)"
+        problems.append(f"{where}.base_url: must be an http(s) URL with a host, got {shown!r}")
+    elif url.query_string or url.fragment:
+        problems.append(f"{where}.base_url: must not carry a query or fragment")
     elif url.user is not None or url.password is not None:
-        problems.append(f"{where}.base_url: must not contain credentials")
+        # It would be logged and shown in /status; keys belong in api_key.
+        problems.append(f"{where}.base_url: must not contain credentials "
+                        f"(put the key in {where}.api_key or api_key_env)")
     if up.api_key_env and not up.api_key and not os.environ.get(up.api_key_env):
         problems.append(f"{where}.api_key_env: environment variable {up.api_key_env} "
                         f"is not set or empty")
+
+
+def _check_names_and_dims(items: list[tuple[str, tuple[str, ...]]], where: str, kind: str,
+                          dims: tuple[str, ...], problems: list[str]) -> None:
+    """Unique names and known ``per`` dimensions for rules and budgets."""
+    seen: set[str] = set()
+    for i, (name, per) in enumerate(items):
+        if name in seen:
+            problems.append(f"{where}[{i}].name: duplicate {kind} name {name!r}")
+        seen.add(name)
+        for dim in per:
+            if dim not in dims:
+                problems.append(f"{where}[{i}].per: unknown dimension {dim!r} "
+                                f"(one of {', '.join(dims)})")
 
 
 def _check_routing(cfg: SidecarConfig, problems: list[str]) -> None:
@@ -690,18 +693,11 @@ def _check_routing(cfg: SidecarConfig, problems: list[str]) -> None:
                 problems.append(f"{where}.max_cost_usd.{tier}: unknown tier")
             elif ceiling < 0:
                 problems.append(f"{where}.max_cost_usd.{tier}: must be >= 0, got {ceiling}")
-    names: set[str] = set()
+    _check_names_and_dims([(b.name, b.per) for b in rt.budgets], "routing.budgets", "budget",
+                          BUDGET_DIMENSIONS, problems)
     for i, budget in enumerate(rt.budgets):
-        where = f"routing.budgets[{i}]"
-        if budget.name in names:
-            problems.append(f"{where}.name: duplicate budget name {budget.name!r}")
-        names.add(budget.name)
-        for dim in budget.per:
-            if dim not in BUDGET_DIMENSIONS:
-                problems.append(f"{where}.per: unknown dimension {dim!r} "
-                                f"(one of {', '.join(BUDGET_DIMENSIONS)})")
         if budget.daily_usd is None and budget.monthly_usd is None:
-            problems.append(f"{where}: needs daily_usd or monthly_usd")
+            problems.append(f"routing.budgets[{i}]: needs daily_usd or monthly_usd")
     for glob, chain in rt.retry.fallbacks.items():
         for j, model in enumerate(chain):
             usable(model, f"routing.retry.fallbacks.{glob}[{j}]")
@@ -731,16 +727,10 @@ def _check_cache(cache: CacheConfig, problems: list[str]) -> None:
 def _check_rules(rl: RateLimitConfig, problems: list[str]) -> None:
     if rl.local_share > 1:
         problems.append(f"ratelimit.local_share: must be <= 1, got {rl.local_share}")
-    seen: set[str] = set()
+    _check_names_and_dims([(r.name, r.per) for r in rl.rules], "ratelimit.rules", "rule",
+                          DIMENSIONS, problems)
     for i, rule in enumerate(rl.rules):
         where = f"ratelimit.rules[{i}]"
-        if rule.name in seen:
-            problems.append(f"{where}.name: duplicate rule name {rule.name!r}")
-        seen.add(rule.name)
-        for dim in rule.per:
-            if dim not in DIMENSIONS:
-                problems.append(f"{where}.per: unknown dimension {dim!r} "
-                                f"(one of {', '.join(DIMENSIONS)})")
         for dim in rule.match:
             if dim not in DIMENSIONS:
                 problems.append(f"{where}.match: unknown dimension {dim!r} "
