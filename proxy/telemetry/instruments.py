@@ -38,6 +38,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from proxy.wire.usage import Usage
 
 MAX_MODELS = 100
+MAX_AGENTS = 200
 OTHER = "_other"
 PROVIDER = "openai"
 
@@ -165,6 +166,7 @@ class RequestMeasurements:
     usage: Usage | None
     overhead_s: float | None
     from_cache: bool = False  # answered by the cache: its usage was not spent upstream
+    agent: str | None = None
     cost_usd: float | None = None  # what the upstream answer cost (catalog prices)
     saved_usd: float | None = None  # what a cache hit or a cheaper route avoided
     saved_by: str = ""
@@ -247,14 +249,15 @@ class Instruments:
         self.cost = _Counter(
             "llm_sidecar.cost", "USD",
             "What upstream answers cost at the catalog's prices (cached input at its own "
-            "price), by the model that answered.",
-            (*_MODEL_LABELS,))
+            "price), by the model that answered and the agent (x-agent-id; the first "
+            f"{MAX_AGENTS} distinct ids, later ones as {OTHER}).",
+            (*_MODEL_LABELS, "llm_sidecar.agent_id"))
         self.cost_saved = _Counter(
             "llm_sidecar.cost.saved", "USD",
             "What the sidecar avoided spending, by llm_sidecar.saved_by: cache (a hit's "
             "answer at its model's prices) or routing (the answer's tokens at the requested "
             "model's prices minus what the routed model cost).",
-            (*_MODEL_LABELS, "llm_sidecar.saved_by"))
+            (*_MODEL_LABELS, "llm_sidecar.saved_by", "llm_sidecar.agent_id"))
         self.route_decisions = _Counter(
             "llm_sidecar.route.decisions", "{decision}",
             "Routing decisions by reason (routed, no_candidate, opt_out, no_policy "
@@ -273,6 +276,7 @@ class Instruments:
             self.cache_duration, self.cache_similarity, self.cache_tokens, self.cost,
             self.cost_saved, self.route_decisions, self.upstream_attempts]
         self._models: dict[str, str] = {}
+        self._agents: dict[str, str] = {}
 
     def observe(self, name: str, unit: str, description: str, labels: Sequence[str],
                 observe: Observation) -> None:
@@ -304,6 +308,17 @@ class Instruments:
             label = self._models[model] = model[:64]
         return label
 
+    def agent_label(self, agent: str | None) -> str:
+        """A bounded label value for a client-supplied agent id ("" when none was sent)."""
+        if not agent:
+            return ""
+        label = self._agents.get(agent)
+        if label is None:
+            if len(self._agents) >= MAX_AGENTS:
+                return OTHER
+            label = self._agents[agent] = agent[:64]
+        return label
+
     def request_done(self, m: RequestMeasurements) -> None:
         """Record a finished intercepted request."""
         base = (m.operation, PROVIDER, self.model_label(m.model))
@@ -319,10 +334,12 @@ class Instruments:
             self.token_usage.record(m.usage.input_tokens, (*base, "input"))
             self.token_usage.record(m.usage.output_tokens, (*base, "output"))
         self.requests.add((m.operation, m.status))
-        if m.cost_usd is not None:
-            self.cost.add(base, m.cost_usd)
-        if m.saved_usd:
-            self.cost_saved.add((*base, m.saved_by), m.saved_usd)
+        if m.cost_usd is not None or m.saved_usd:
+            agent = self.agent_label(m.agent)
+            if m.cost_usd is not None:
+                self.cost.add((*base, agent), m.cost_usd)
+            if m.saved_usd:
+                self.cost_saved.add((*base, m.saved_by, agent), m.saved_usd)
         if m.route_reason:
             self.route_decisions.add((m.route_reason, m.route_tier))
         if m.attempts > 1:

@@ -196,6 +196,7 @@ class TelemetryStage(Stage):
             overhead_s=(None if ctx.reported_overhead_ms is None
                         else ctx.reported_overhead_ms / 1000),
             from_cache=attrs.get(_CACHE_RESULT) == "hit",
+            agent=ctx.identity.agent if ctx.identity is not None else None,
             cost_usd=_float(attrs.get(_COST)),
             saved_usd=_float(attrs.get(_SAVED)),
             saved_by=str(attrs.get(_SAVED_BY, "")),
