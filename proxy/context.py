@@ -76,6 +76,7 @@ class RequestContext:
     upstream_name: str | None = None
     answered_by: str | None = None
     attempts: int = 0
+    fallbacks: int = 0  # of the attempts, those on a fallback model
     # Set by a stage that wants to see a JSON answer before its headers are sent
     # (the route stage prices it for x-sidecar-cost-usd).
     answer_hook: Callable[[RequestContext], None] | None = None

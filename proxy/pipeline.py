@@ -290,7 +290,9 @@ class Pipeline:
                 nxt = (attempts.next() if attempts is not None and exc.kind in RETRYABLE_KINDS
                        else None)
                 if nxt is None:
-                    return self._upstream_failed(ctx, exc, sent, sent_ns)
+                    self._note_attempts(ctx, model, first)
+                    return self._upstream_failed(ctx, exc, sent, sent_ns,
+                                                 **self._attempt_attrs(ctx, model))
                 ctx.upstream_s += time.perf_counter() - sent
                 ctx.record_phase("upstream", sent_ns, time.time_ns(), error=exc.kind,
                                  model=model, attempt=ctx.attempts)
@@ -312,6 +314,7 @@ class Pipeline:
                      model, "falling back to" if nxt.fallback else "retrying",
                      nxt.model, nxt.delay_s * 1000)
             if nxt.fallback:
+                ctx.fallbacks += 1
                 model = nxt.model
                 canonical.set("model", nxt.serves)
                 upstream = self.upstreams.get(nxt.upstream)
@@ -319,13 +322,19 @@ class Pipeline:
                 await asyncio.sleep(nxt.delay_s)
         ctx.upstream_s += time.perf_counter() - sent
         ctx.status = resp.status
-        if ctx.attempts > 1:
-            ctx.response_headers[ATTEMPTS_HEADER] = str(ctx.attempts)
-            ctx.annotate("upstream.attempts", ctx.attempts)
-            if model != first:
-                ctx.annotate("upstream.fallback_model", model)
-                ctx.response_headers[MODEL_ROUTED_HEADER] = header_value(model)
+        self._note_attempts(ctx, model, first)
         return resp, upstream, model, sent_ns
+
+    @staticmethod
+    def _note_attempts(ctx: RequestContext, model: str, first: str) -> None:
+        """Announce retries and the model that ended up answering (or failing)."""
+        if ctx.attempts <= 1:
+            return
+        ctx.response_headers[ATTEMPTS_HEADER] = str(ctx.attempts)
+        ctx.annotate("upstream.attempts", ctx.attempts)
+        if model != first:
+            ctx.annotate("upstream.fallback_model", model)
+            ctx.response_headers[MODEL_ROUTED_HEADER] = header_value(model)
 
     @staticmethod
     def _attempt_attrs(ctx: RequestContext, model: str) -> dict[str, AttributeValue]:
@@ -352,11 +361,11 @@ class Pipeline:
         return headers
 
     def _upstream_failed(self, ctx: RequestContext, exc: UpstreamError, sent: float,
-                         sent_ns: int) -> web.Response:
+                         sent_ns: int, **attrs: AttributeValue) -> web.Response:
         ctx.upstream_s += time.perf_counter() - sent
         ctx.error_kind = exc.kind
         ctx.status = exc.response.status
-        ctx.record_phase("upstream", sent_ns, time.time_ns(), error=exc.kind)
+        ctx.record_phase("upstream", sent_ns, time.time_ns(), error=exc.kind, **attrs)
         self._add_headers(ctx, exc.response.headers)
         return exc.response
 

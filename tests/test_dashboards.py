@@ -3,8 +3,10 @@
 A sidecar with its Prometheus listener serves a known workload (two chat
 models, a stream, embeddings, an upstream 500 and an upstream disconnect,
 rate-limit denials and holds, cache hits of every tier, a semantic refusal
-and an embeddings partial hit); a real ``prometheus`` process (Debian
-package, 2.42) scrapes it every second.
+and an embeddings partial hit, and priced traffic under a routing policy: a
+routed request, one without a cheaper candidate, a cache hit, a retry and a
+fallback after injected 500s, within a budget); a real ``prometheus``
+process (Debian package, 2.42) scrapes it every second.
 Every panel query, with Grafana's variables substituted the way "All" would,
 must parse and return at least one real (non-NaN) sample.
 
@@ -35,11 +37,16 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from loadtest.bench import free_port
 from loadtest.loop_thread import LoopThread
+from loadtest.mock_upstream import Fault
 from proxy.app import METRICS, PIPELINE
 from proxy.config import (
+    BudgetConfig,
     CacheConfig,
     QuotaConfig,
     RateLimitConfig,
+    RetryConfig,
+    RoutePolicyConfig,
+    RoutingConfig,
     RuleConfig,
     TelemetryConfig,
 )
@@ -49,7 +56,8 @@ from tests.redis_server import RedisServer
 DASHBOARDS = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "dashboards"
 EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview",
                  "llm-sidecar-ratelimits.json": "llm-sidecar-ratelimits",
-                 "llm-sidecar-cache.json": "llm-sidecar-cache"}
+                 "llm-sidecar-cache.json": "llm-sidecar-cache",
+                 "llm-sidecar-cost.json": "llm-sidecar-cost"}
 DEADLINE_S = 30.0
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello dashboards"}]
 
@@ -235,7 +243,45 @@ def _cache_workload(c: openai.OpenAI, round_no: int, settle: Callable[[], None])
     return 11
 
 
-def _workload(base_url: str, round_no: int, settle: Callable[[], None]) -> int:
+def _cost_workload(c: openai.OpenAI, mock: Mock, round_no: int,
+                   settle: Callable[[], None]) -> int:
+    """Priced traffic under ROUTING: every route, saving and retry kind the cost dashboard
+    shows. Models of the shipped catalog, so every answer has a price."""
+    simple: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
+    hard: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": f"Dashboards cost round {round_no}."},
+        {"role": "user", "content": "Think step by step and prove that there are "
+                                    "infinitely many primes."}]
+
+    def chat(messages: list[ChatCompletionMessageParam], fault: Fault | None = None,
+             **params: Any) -> dict[str, str]:
+        if fault is not None:
+            mock.server.set_fault("gpt-4o", fault)
+        try:
+            raw = c.chat.completions.with_raw_response.create(model="gpt-4o",
+                                                              messages=messages, **params)
+        finally:
+            mock.server.clear_faults()
+        raw.parse()
+        settle()  # priced, and stored in the cache, before the next request
+        return dict(raw.headers)
+
+    routed = chat(simple)  # simple: rewritten to gpt-4o-mini (route reason routed)
+    assert routed["x-sidecar-model-routed"] == "gpt-4o-mini"
+    assert float(routed["x-sidecar-cost-usd"]) > 0
+    stays = chat(hard)  # complex: no cheaper candidate
+    assert stays["x-sidecar-model-routed"] == "gpt-4o"
+    assert chat(hard, temperature=0)["x-sidecar-cache"] == "miss"
+    assert chat(hard, temperature=0)["x-sidecar-cache"] == "hit; tier=exact"  # saved by cache
+    retried = chat(hard, Fault(status=500, times=1))
+    assert retried["x-sidecar-attempts"] == "2"
+    fallback = chat(hard, Fault(status=500))
+    assert fallback["x-sidecar-attempts"] == "3"
+    assert fallback["x-sidecar-model-routed"] == "gpt-4o-mini"
+    return 6
+
+
+def _workload(base_url: str, mock: Mock, round_no: int, settle: Callable[[], None]) -> int:
     """The known traffic; returns how many requests the sidecar answered."""
     with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0,
                        timeout=20) as c:
@@ -263,7 +309,8 @@ def _workload(base_url: str, round_no: int, settle: Callable[[], None]) -> int:
                                                             messages=MESSAGES)
                 for _ in range(2)]
         assert "x-sidecar-ratelimit-wait-ms" in held[1].headers
-        return 10 + _cache_workload(c, round_no, settle)
+        return 10 + _cache_workload(c, round_no, settle) + _cost_workload(c, mock, round_no,
+                                                                          settle)
 
 
 # The rules that give the rate-limit dashboard something to show.
@@ -274,6 +321,17 @@ RATE_LIMITS = RateLimitConfig(rules=(
     RuleConfig(name="dash-paced", match={"model": "dash-queued"},
                requests=QuotaConfig(amount=4, period="1s", capacity=1), max_wait="5s"),
 ))
+
+# Routing for the cost dashboard: gpt-4o may be replaced for simple and standard
+# requests, fails over to gpt-4o-mini after one quick retry, within a budget that is
+# never reached. The dash-* models are in no policy and no fallback chain.
+ROUTING = RoutingConfig(
+    policies=(RoutePolicyConfig(name="dash-team", substitute=("gpt-4o",),
+                                tiers={"simple": ("gpt-4o-mini",),
+                                       "standard": ("gpt-4o-mini",)}),),
+    retry=RetryConfig(max_retries=1, backoff_ms=1, max_backoff_ms=5,
+                      fallbacks={"gpt-4o": ("gpt-4o-mini",)}),
+    budgets=(BudgetConfig(name="dash-daily", daily_usd=100.0),))
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +347,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
         url = factory.start(env={}, telemetry=TelemetryConfig(prometheus_port=0,
                                                               prometheus_host="127.0.0.1"),
                             ratelimit=dataclasses.replace(RATE_LIMITS, redis_url=redis.url),
-                            cache=CacheConfig(semantic=True))
+                            cache=CacheConfig(semantic=True), routing=ROUTING)
 
         def settle() -> None:
             factory.lt.call(factory.apps[url][PIPELINE].settler.join())
@@ -297,7 +355,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
         scrape_url = factory.apps[url][METRICS].url
         assert scrape_url is not None
         target = scrape_url.removeprefix("http://").removesuffix("/metrics")
-        expected = _workload(url, 1, settle)
+        expected = _workload(url, mock, 1, settle)
 
         root = Path(tmp.name)
         config = root / "prometheus.yml"
@@ -331,7 +389,7 @@ def prometheus(loop_thread: LoopThread, mock: Mock) -> Iterator[PrometheusAPI]:
         _wait_for("two scrapes", lambda: running() and bool(
             api.values("count_over_time(up[1m]) >= 2")), api, deadline)
         # Second workload, so every series grows inside the rate() window.
-        expected += _workload(url, 2, settle)
+        expected += _workload(url, mock, 2, settle)
         _wait_for("the second workload in Prometheus", total_is(expected), api, deadline)
         yield api
     finally:
@@ -404,3 +462,27 @@ def test_cache_workload_covers_every_label_value(prometheus: PrometheusAPI) -> N
         "exact", "normalized", "semantic"}
     assert label_values(outcome, similarity) == {"hit", "below_threshold", "refused"}
     assert label_values(reason, f'{similarity}{{{outcome}="refused"}}') == {"number"}
+
+
+def test_cost_workload_covers_every_label_value(prometheus: PrometheusAPI) -> None:
+    """The cost dashboard's label values all occur, so no panel passes on a subset."""
+
+    def label_values(label: str, selector: str) -> set[str]:
+        body = prometheus.query(f"sum by ({label}) ({selector})")
+        assert body.get("status") == "success", f"{selector}: {body}"
+        return {s["metric"].get(label, "") for s in body["data"]["result"]}
+
+    model = "gen_ai_request_model"
+    assert label_values(model, "llm_sidecar_cost_USD_total") == {"gpt-4o", "gpt-4o-mini"}
+    assert label_values("llm_sidecar_saved_by", "llm_sidecar_cost_saved_USD_total") == {
+        "cache", "routing"}
+    decisions = "llm_sidecar_route_decisions_total"
+    assert label_values("llm_sidecar_route_reason", decisions) == {
+        "routed", "no_candidate", "no_policy", "not_routed_endpoint"}
+    assert label_values("llm_sidecar_route_tier", decisions) == {"simple", "complex", ""}
+    assert label_values("llm_sidecar_retry_kind", "llm_sidecar_upstream_retries_total") == {
+        "retry", "fallback"}
+    [usage] = prometheus.values(
+        'llm_sidecar_budget_usage_ratio{llm_sidecar_budget="dash-daily", '
+        'llm_sidecar_budget_period="day"}')
+    assert 0 < usage < 1

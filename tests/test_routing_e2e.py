@@ -338,3 +338,15 @@ def test_model_names_are_made_safe_for_headers(sidecar: str) -> None:
     with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.headers["x-evil"] is None
         assert resp.headers["x-sidecar-model-requested"] == "gpt-4o%0D%0Ax-evil: 1"
+
+
+def test_attempts_are_announced_when_every_connection_fails(resilient: str,
+                                                             faults: Mock) -> None:
+    faults.server.set_fault("gpt-4o", Fault(disconnect="before-headers"))
+    faults.server.set_fault("gpt-4o-mini", Fault(disconnect="before-headers"))
+    with sdk(resilient) as client, pytest.raises(openai.InternalServerError) as err:
+        _chat(client, HARD)
+    headers = err.value.response.headers
+    assert err.value.status_code == 502
+    assert headers["x-sidecar-attempts"] == "3"
+    assert headers["x-sidecar-model-routed"] == "gpt-4o-mini"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any
 
 import openai
@@ -12,10 +13,14 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from loadtest.bench import free_port
+from loadtest.mock_upstream import Fault
 from proxy.app import PIPELINE, TELEMETRY
 from proxy.config import (
     QuotaConfig,
     RateLimitConfig,
+    RetryConfig,
+    RoutePolicyConfig,
+    RoutingConfig,
     RuleConfig,
     TelemetryConfig,
     UpstreamConfig,
@@ -255,6 +260,13 @@ def test_prometheus_names_follow_otel_translation() -> None:
     assert metric_name("llm_sidecar.cache.ratio", "1", counter=False,
                        gauge=True) == "llm_sidecar_cache_ratio"
     assert metric_name("x.size", "By", counter=True, gauge=False) == "x_size_bytes_total"
+    # A unit without a Prometheus word is kept as written (as the Collector does).
+    assert metric_name("llm_sidecar.cost", "USD", counter=True,
+                       gauge=False) == "llm_sidecar_cost_USD_total"
+    assert metric_name("llm_sidecar.cost.saved", "USD", counter=True,
+                       gauge=False) == "llm_sidecar_cost_saved_USD_total"
+    assert metric_name("llm_sidecar.upstream.retries", "{attempt}", counter=True,
+                       gauge=False) == "llm_sidecar_upstream_retries_total"
 
 
 def test_prometheus_scrape_endpoint(sidecars: SidecarFactory) -> None:
@@ -452,3 +464,210 @@ def test_a_refused_normalized_hit_counts_as_a_miss(sidecars: SidecarFactory, scr
     lookups = {(a["llm_sidecar.cache.result"], a.get("llm_sidecar.cache.tier") or None):
                p.as_int for a, p in rec.points("llm_sidecar.cache.lookups")}
     assert lookups == {("miss", None): 2}
+
+
+# ------------------------------------------------------------------ cost, routing, retries
+
+ROUTE_POLICY = RoutePolicyConfig(name="traced-team", substitute=("gpt-4o",),
+                                 tiers={"simple": ("gpt-4o-mini",),
+                                        "standard": ("gpt-4o-mini",)})
+SIMPLE: list[Any] = [{"role": "user", "content": "Say hello."}]
+HARD: list[Any] = [{"role": "user", "content": "Think step by step and prove that there are "
+                                               "infinitely many primes."}]
+# Catalog prices (proxy/routing/data/catalog.yaml), USD per token: (input, output).
+PRICES = {"gpt-4o": (2.50e-6, 10.00e-6), "gpt-4o-mini": (0.15e-6, 0.60e-6)}
+# One agent trace per request of the workload, so each request span is found by its trace.
+COST_TRACES = {name: f"c0575{i:027x}" for i, name in enumerate(
+    ("routed", "no_candidate", "cache_miss", "cache_hit", "retried", "fallback"), start=1)}
+
+
+def _price(model: str, usage: Any) -> float:
+    per_input, per_output = PRICES[model]
+    return float(usage.prompt_tokens * per_input + usage.completion_tokens * per_output)
+
+
+def _sent_traceparents(mock: Mock, trace_id: str) -> list[str]:
+    """The traceparent of each request the mock received in ``trace_id``, oldest first."""
+    sent = [{k.lower(): v for k, v in r.headers} for r in mock.server.stats.last_requests]
+    return [h["traceparent"] for h in sent if trace_id in h.get("traceparent", "")]
+
+
+def _request_span(spans: list[dict[str, Any]], trace_id: str) -> dict[str, Any]:
+    [span] = [s for s in spans if s["trace_id"] == trace_id and s["parent_span_id"] == AGENT_SPAN]
+    return span
+
+
+def _upstream_children(spans: list[dict[str, Any]], parent: dict[str, Any]
+                       ) -> list[dict[str, Any]]:
+    """The request's upstream attempt spans, in the order they were made."""
+    return sorted((s for s in spans if s["name"] == "llm_sidecar.upstream"
+                   and s["parent_span_id"] == parent["span_id"]), key=lambda s: s["start"])
+
+
+@pytest.fixture(scope="module")
+def costed(sidecars: SidecarFactory, receiver: tuple[OtlpReceiver, str],
+           mock: Mock) -> dict[str, Any]:
+    """A traced sidecar with a routing policy, retries and a fallback chain, and a known
+    workload through it: a routed request, one without a cheaper candidate, a cache miss
+    then hit, a request retried after a 500 and one that falls back after a 500 storm.
+
+    Returns each answer's headers and usage, what the mock saw, the spans, and the
+    metric points of the export right after the workload.
+    """
+    rec, endpoint = receiver
+    url = sidecars.start(
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+        routing=RoutingConfig(policies=(ROUTE_POLICY,), retry=RetryConfig(
+            max_retries=1, backoff_ms=1, max_backoff_ms=5,
+            fallbacks={"gpt-4o": ("gpt-4o-mini",)})))
+    out: dict[str, Any] = {"url": url, "headers": {}, "usage": {}, "sent": {}}
+    workload: list[tuple[str, list[Any], dict[str, Any], Fault | None]] = [
+        ("routed", SIMPLE, {}, None),
+        ("no_candidate", HARD, {}, None),
+        ("cache_miss", HARD, {"temperature": 0}, None),
+        ("cache_hit", HARD, {"temperature": 0}, None),
+        ("retried", HARD, {}, Fault(status=500, times=1)),
+        ("fallback", HARD, {}, Fault(status=500))]
+    mock.server.clear_faults()
+    try:
+        with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+            for name, messages, params, fault in workload:
+                if fault is not None:
+                    mock.server.set_fault("gpt-4o", fault)
+                trace = COST_TRACES[name]
+                raw = c.chat.completions.with_raw_response.create(
+                    model="gpt-4o", messages=messages, **params,
+                    extra_headers={"traceparent": f"00-{trace}-{AGENT_SPAN}-01"})
+                mock.server.clear_faults()
+                out["headers"][name] = dict(raw.headers)
+                out["usage"][name] = raw.parse().usage
+                out["sent"][name] = _sent_traceparents(mock, trace)
+                # Stored in the cache (and its cost settled) before the next request.
+                sidecars.lt.call(sidecars.apps[url][PIPELINE].settler.join())
+    finally:
+        mock.server.clear_faults()
+    _flush(sidecars, url)
+    out["spans"] = list(rec.spans)
+    out["points"] = {name: rec.points(name) for name in (
+        "llm_sidecar.cost", "llm_sidecar.cost.saved", "llm_sidecar.route.decisions",
+        "llm_sidecar.upstream.retries")}
+    return out
+
+
+def test_cost_workload_went_as_planned(costed: dict[str, Any]) -> None:
+    headers = costed["headers"]
+    routed_to = {name: h["x-sidecar-model-routed"] for name, h in headers.items()
+                 if "x-sidecar-model-routed" in h}
+    assert routed_to == {"routed": "gpt-4o-mini", "no_candidate": "gpt-4o",
+                         "cache_miss": "gpt-4o", "retried": "gpt-4o",
+                         "fallback": "gpt-4o-mini"}
+    assert headers["cache_miss"]["x-sidecar-cache"] == "miss"
+    assert headers["cache_hit"]["x-sidecar-cache"] == "hit; tier=exact"
+    assert "x-sidecar-cost-usd" not in headers["cache_hit"]  # nothing was spent upstream
+    assert headers["retried"]["x-sidecar-attempts"] == "2"
+    assert headers["fallback"]["x-sidecar-attempts"] == "3"
+    assert {h["x-sidecar-cost-basis"] for n, h in headers.items() if n != "cache_hit"} == {
+        "usage"}
+
+
+def test_cost_metric_adds_up_the_cost_headers(costed: dict[str, Any]) -> None:
+    spent: dict[str, float] = {}
+    for h in costed["headers"].values():
+        if "x-sidecar-cost-usd" in h:  # every answer that came from the upstream
+            model = h["x-sidecar-model-routed"]
+            spent[model] = spent.get(model, 0.0) + float(h["x-sidecar-cost-usd"])
+    points = costed["points"]["llm_sidecar.cost"]
+    by_model = {a["gen_ai.request.model"]: p.as_double for a, p in points}
+    # By the model that answered; the headers are rounded to 1e-6 USD.
+    assert by_model == {m: pytest.approx(v, abs=5e-6) for m, v in spent.items()}
+    assert sum(by_model.values()) == pytest.approx(sum(spent.values()), abs=5e-6)
+    assert {(a["gen_ai.operation.name"], a["gen_ai.provider.name"]) for a, _ in points} == {
+        ("chat", "openai")}
+    # Catalog prices of each answer's usage.
+    usage = costed["usage"]
+    assert by_model["gpt-4o"] == pytest.approx(
+        sum(_price("gpt-4o", usage[n]) for n in ("no_candidate", "cache_miss", "retried")))
+    assert by_model["gpt-4o-mini"] == pytest.approx(
+        sum(_price("gpt-4o-mini", usage[n]) for n in ("routed", "fallback")))
+
+
+def test_cost_saved_by_routing_and_by_cache(costed: dict[str, Any]) -> None:
+    saved = {(a["gen_ai.request.model"], a["llm_sidecar.saved_by"]): p.as_double
+             for a, p in costed["points"]["llm_sidecar.cost.saved"]}
+    assert set(saved) == {("gpt-4o-mini", "routing"), ("gpt-4o", "cache")}
+    usage = costed["usage"]
+    # Routing: the routed answer's tokens at the requested model's prices, minus its cost.
+    # A fallback is no saving (the policy did not choose it).
+    routed = usage["routed"]
+    assert saved[("gpt-4o-mini", "routing")] > 0
+    assert saved[("gpt-4o-mini", "routing")] == pytest.approx(
+        _price("gpt-4o", routed) - _price("gpt-4o-mini", routed))
+    # Cache: what the hit's answer would have cost, i.e. what the miss did cost.
+    assert saved[("gpt-4o", "cache")] > 0
+    assert saved[("gpt-4o", "cache")] == pytest.approx(_price("gpt-4o", usage["cache_hit"]))
+    assert saved[("gpt-4o", "cache")] == pytest.approx(
+        float(costed["headers"]["cache_miss"]["x-sidecar-cost-usd"]), abs=1e-6)
+
+
+def test_route_decision_and_retry_counters(costed: dict[str, Any]) -> None:
+    decisions = {(a["llm_sidecar.route.reason"], a.get("llm_sidecar.route.tier")): p.as_int
+                 for a, p in costed["points"]["llm_sidecar.route.decisions"]}
+    # The cache hit was answered before routing: no decision.
+    assert decisions == {("routed", "simple"): 1, ("no_candidate", "complex"): 4}
+    retries = {a["llm_sidecar.retry.kind"]: p.as_int
+               for a, p in costed["points"]["llm_sidecar.upstream.retries"]}
+    # retried: one attempt more on gpt-4o. fallback: gpt-4o twice, then gpt-4o-mini; the
+    # metric counts every attempt beyond the first of a request that ended on another
+    # model as a fallback.
+    assert retries == {"retry": 2, "fallback": 1}
+
+
+def test_request_spans_carry_route_and_cost(costed: dict[str, Any]) -> None:
+    spans, headers = costed["spans"], costed["headers"]
+    routed = _request_span(spans, COST_TRACES["routed"])["attributes"]
+    assert routed["llm_sidecar.route.reason"] == "routed"
+    assert routed["llm_sidecar.route.tier"] == "simple"
+    assert routed["llm_sidecar.route.candidate"] == "gpt-4o-mini"
+    assert routed["llm_sidecar.cost_usd"] == pytest.approx(
+        float(headers["routed"]["x-sidecar-cost-usd"]), abs=1e-6)
+    assert routed["llm_sidecar.cost.saved_by"] == "routing"
+    assert routed["llm_sidecar.cost.saved_usd"] > 0
+    stays = _request_span(spans, COST_TRACES["no_candidate"])["attributes"]
+    assert stays["llm_sidecar.route.reason"] == "no_candidate"
+    assert stays["llm_sidecar.route.tier"] == "complex"
+    assert stays["llm_sidecar.cost_usd"] == pytest.approx(
+        float(headers["no_candidate"]["x-sidecar-cost-usd"]), abs=1e-6)
+    assert "llm_sidecar.cost.saved_by" not in stays
+    hit = _request_span(spans, COST_TRACES["cache_hit"])["attributes"]
+    assert hit["llm_sidecar.cache.result"] == "hit"
+    assert hit["llm_sidecar.cost.saved_by"] == "cache"
+    assert "llm_sidecar.cost_usd" not in hit and "llm_sidecar.route.reason" not in hit
+    fallback = _request_span(spans, COST_TRACES["fallback"])["attributes"]
+    assert fallback["llm_sidecar.upstream.attempts"] == 3
+    assert fallback["llm_sidecar.upstream.fallback_model"] == "gpt-4o-mini"
+    assert fallback["llm_sidecar.cost_usd"] == pytest.approx(
+        float(headers["fallback"]["x-sidecar-cost-usd"]), abs=1e-6)
+
+
+@pytest.mark.parametrize(("name", "attempts"), [
+    ("retried", [(500, "gpt-4o"), (200, "gpt-4o")]),
+    ("fallback", [(500, "gpt-4o"), (500, "gpt-4o"), (200, "gpt-4o-mini")]),
+])
+def test_each_upstream_attempt_has_its_own_span(costed: dict[str, Any], name: str,
+                                                attempts: list[tuple[int, str]]) -> None:
+    trace = COST_TRACES[name]
+    span = _request_span(costed["spans"], trace)
+    children = _upstream_children(costed["spans"], span)
+    assert [(c["attributes"]["llm_sidecar.status"], c["attributes"]["llm_sidecar.model"])
+            for c in children] == attempts
+    assert [c["attributes"]["llm_sidecar.attempt"] for c in children] == list(
+        range(1, len(attempts) + 1))
+    assert len({c["span_id"] for c in children}) == len(attempts)  # distinct span ids
+    assert all(c["trace_id"] == trace and c["kind"] == Span.SPAN_KIND_CLIENT
+               for c in children)
+    assert all(a["end"] <= b["start"] for a, b in pairwise(children))
+    assert span["start"] <= children[0]["start"] and children[-1]["end"] <= span["end"]
+    sent = costed["sent"][name]
+    assert len(sent) == len(attempts)  # every attempt reached the mock, in this trace
+    # The attempt whose answer the client got is the parent the provider saw last.
+    assert sent[-1] == f"00-{trace}-{children[-1]['span_id']}-01"

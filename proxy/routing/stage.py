@@ -104,6 +104,7 @@ class RouteStage(Stage):
         if decision.tier is not None:
             ctx.annotate("route.tier", decision.tier)
         ctx.annotate("route.reason", decision.reason)
+        ctx.annotate("route.requested", header_value(decision.requested))
         if decision.rewritten:
             ctx.annotate("route.candidate", decision.routed)
             if self.dry_run:
@@ -150,7 +151,12 @@ class RouteStage(Stage):
         if state is None:
             # Answered before routing: a cache hit saved what the answer cost.
             if ctx.attributes.get(CACHE_RESULT) == "hit":
-                avoided = self.catalog.cost(ctx.canonical.model, ctx.usage())
+                # Priced as the model that wrote the answer: a routed answer cached
+                # under the requested model saved only the cheaper call.
+                answered = ctx.summary().model
+                model = (answered if answered and self.catalog.get(answered) is not None
+                         else ctx.canonical.model)
+                avoided = self.catalog.cost(model, ctx.usage())
                 if avoided:
                     ctx.annotate("cost.saved_usd", round(avoided, 8))
                     ctx.annotate("cost.saved_by", "cache")

@@ -173,7 +173,7 @@ class RequestMeasurements:
     route_reason: str = ""  # the router's decision, "" where routing did not run
     route_tier: str = ""
     attempts: int = 0  # upstream attempts (retries and fallbacks included)
-    fallback: bool = False
+    fallbacks: int = 0  # of them, tries on a fallback model
 
 
 class Instruments:
@@ -266,8 +266,8 @@ class Instruments:
             ("llm_sidecar.route.reason", "llm_sidecar.route.tier"))
         self.upstream_attempts = _Counter(
             "llm_sidecar.upstream.retries", "{attempt}",
-            "Upstream attempts beyond the first, by kind: retry (same model) or fallback "
-            "(the request ended on another model).",
+            "Upstream attempts beyond the first, by kind: retry (another try on the same "
+            "model) or fallback (a try on the next model of the fallback chain).",
             ("llm_sidecar.retry.kind",))
         self._all: list[_Histogram | _Counter | _ObservedGauge] = [
             self.token_usage, self.duration, self.time_to_first_chunk, self.requests,
@@ -343,8 +343,10 @@ class Instruments:
         if m.route_reason:
             self.route_decisions.add((m.route_reason, m.route_tier))
         if m.attempts > 1:
-            self.upstream_attempts.add(("fallback" if m.fallback else "retry",),
-                                       m.attempts - 1)
+            if m.attempts - 1 > m.fallbacks:
+                self.upstream_attempts.add(("retry",), m.attempts - 1 - m.fallbacks)
+            if m.fallbacks:
+                self.upstream_attempts.add(("fallback",), m.fallbacks)
         if m.upstream_error is not None:
             self.upstream_errors.add((m.upstream_error,))
         if m.overhead_s is not None:

@@ -55,7 +55,6 @@ _SAVED = ATTRIBUTE_PREFIX + "cost.saved_usd"
 _SAVED_BY = ATTRIBUTE_PREFIX + "cost.saved_by"
 _ROUTE_REASON = ATTRIBUTE_PREFIX + "route.reason"
 _ROUTE_TIER = ATTRIBUTE_PREFIX + "route.tier"
-_FALLBACK = ATTRIBUTE_PREFIX + "upstream.fallback_model"
 
 
 def _float(value: AttributeValue | None) -> float | None:
@@ -203,7 +202,7 @@ class TelemetryStage(Stage):
             route_reason=str(attrs.get(_ROUTE_REASON, "")),
             route_tier=str(attrs.get(_ROUTE_TIER, "")),
             attempts=ctx.attempts,
-            fallback=_FALLBACK in attrs))
+            fallbacks=ctx.fallbacks))
 
     def _ship_spans(self, ctx: RequestContext, tr: _Trace, shipper: SpanShipper,
                     error: str | None) -> None:
