@@ -99,6 +99,12 @@ def sidecar(sidecars: SidecarFactory) -> str:
     return sidecars.start()
 
 
+@pytest.fixture(scope="module")
+def local(sidecar: str) -> str:
+    """The default sidecar under the name the cache modules use: its cache is local only."""
+    return sidecar
+
+
 def sdk(url: str, key: str = "sk-test-client") -> openai.OpenAI:
     """The official client for ``url``: no retries (a test sees every answer), 20 s timeout."""
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=20)

@@ -17,12 +17,6 @@ ROUTE = "POST /v1/completions"
 MODEL = "gpt-3.5-turbo-instruct"
 
 
-@pytest.fixture(scope="module")
-def local(sidecars: SidecarFactory) -> str:
-    """A sidecar with the embedded default cache (local only) in front of the mock."""
-    return sidecars.start()
-
-
 def _complete(client: openai.OpenAI, prompt: Any, **kw: Any) -> Any:
     kw.setdefault("temperature", 0)
     kw.setdefault("model", MODEL)

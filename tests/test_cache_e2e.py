@@ -18,12 +18,6 @@ TOOLS: list[Any] = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 
 
-@pytest.fixture(scope="module")
-def local(sidecars: SidecarFactory) -> str:
-    """A sidecar with the embedded default cache (local only)."""
-    return sidecars.start()
-
-
 def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
     kw.setdefault("temperature", 0)
     return client.chat.completions.with_raw_response.create(

@@ -20,11 +20,6 @@ ROUTE = "POST /v1/embeddings"
 MODEL = "text-embedding-3-small"
 
 
-@pytest.fixture(scope="module")
-def local(sidecars: SidecarFactory) -> str:
-    return sidecars.start()
-
-
 def _embed(client: openai.OpenAI, inputs: Any, **kw: Any) -> Any:
     return client.embeddings.with_raw_response.create(model=MODEL, input=inputs, **kw)
 

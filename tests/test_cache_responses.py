@@ -15,11 +15,6 @@ from tests.conftest import Mock, Scripted, SidecarFactory, UpstreamCalls, sdk, s
 ROUTE = "POST /v1/responses"
 
 
-@pytest.fixture(scope="module")
-def local(sidecars: SidecarFactory) -> str:
-    return sidecars.start()
-
-
 def _ask(client: openai.OpenAI, text: str, **kw: Any) -> Any:
     kw.setdefault("temperature", 0)
     return client.responses.with_raw_response.create(model="gpt-4o-mini", input=text, **kw)

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from proxy.cache.replay import DONE_EVENT
+from proxy.cache.replay import DONE_EVENT, chunk_frame
 
 __all__ = ["ID_PREFIX", "TextStreamAssembler", "complete_text", "prompt_count", "text_chunks"]
 
@@ -197,9 +197,7 @@ def text_chunks(stored: dict[str, Any], *, now: int, new_id: str, include_usage:
                             "model": stored.get("model")}
     if stored.get("system_fingerprint") is not None:
         head["system_fingerprint"] = stored["system_fingerprint"]
-    # Every chunk shares the same leading fields: serialize them once and splice.
-    prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"text":'
-    suffix = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+    prefix, suffix = chunk_frame(head, b'[{"text":', include_usage)
     events: list[bytes] = []
     for position, choice in enumerate(stored.get("choices") or ()):
         if not isinstance(choice, dict):

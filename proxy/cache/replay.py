@@ -142,9 +142,7 @@ def sse_chunks(
         head["service_tier"] = stored["service_tier"]
     if stored.get("system_fingerprint") is not None:
         head["system_fingerprint"] = stored["system_fingerprint"]
-    # Every chunk shares the same leading fields: serialize them once and splice.
-    prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
-    suffix = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+    prefix, suffix = chunk_frame(head, b"", include_usage)
 
     events: list[bytes] = []
     for position, choice in enumerate(stored.get("choices") or ()):
@@ -157,3 +155,15 @@ def sse_chunks(
         events.append(prefix + b'[],"usage":' + orjson.dumps(stored.get("usage")) + b"}\n\n")
     events.append(DONE_EVENT)
     return events
+
+
+def chunk_frame(head: dict[str, Any], choices_open: bytes,
+                include_usage: bool) -> tuple[bytes, bytes]:
+    """The bytes before and after each chunk's choices in a replayed stream.
+
+    Every chunk shares the same leading fields, so they are serialized once and
+    spliced; ``choices_open`` is what follows ``"choices":`` in every chunk.
+    """
+    prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":' + choices_open
+    suffix = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+    return prefix, suffix
