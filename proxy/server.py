@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 from aiohttp.log import access_logger
@@ -42,6 +42,38 @@ async def running(app: web.Application, cfg: SidecarConfig,
 
 
 log = logging.getLogger("proxy.server")
+
+
+class HealthListener:
+    """A second listener serving only the probe routes it is given (``server.health_port``).
+
+    The proxy port stays on loopback while kubelet probes the pod IP, so no
+    /v1 route is reachable from outside the pod through this port.
+    """
+
+    def __init__(self, routes: Iterable[web.RouteDef], host: str, port: int) -> None:
+        self.app = web.Application()
+        self.app.add_routes(routes)
+        self.host = host
+        self.port = port
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Listen; returns the base URL (``http://host:port``)."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        host, port = self._runner.addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -500,6 +500,17 @@ class Normalizer:
             prose = _LINE_WS_RUN.sub(" ", _SPACE_AT_EOL.sub("", prose))
         return prose
 
+    def mask_volatile(self, text: str, role: str = "user") -> str:
+        """``text`` with only its volatile values replaced (when ``role``'s are).
+
+        For the semantic tier, which compares what a prompt asks: a timestamp
+        an agent stamps into it is not part of that, while case and
+        punctuation are kept for the guard to read names and identifiers.
+        """
+        if self._volatile is None or role not in self._volatile_roles:
+            return text
+        return self._volatile.replace(text)
+
     def normalize_prompt(self, prompt: Any) -> str | list[str] | None:
         """A legacy completions ``prompt`` (a string or a list of strings), normalized
         with ``normalize_continued``; None for token ids, which only the exact tier serves."""

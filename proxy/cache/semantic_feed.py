@@ -2,10 +2,11 @@
 
 A replica that stores an answer indexes it locally at once and appends it
 to the stream ``llm-sidecar:cache:sem:stream`` (context, answer key, vector
-as float16, guard features, expiry; trimmed to about ``max_entries``). Each
-replica reads the stream in the background: from the start when it boots
-(catch-up, skipping expired entries), then blocking for new ones. Adding is
-idempotent by key, so a replica reading its own entries back changes nothing.
+as float16, guard features, expiry, the verifier's vector if any; trimmed
+to about ``max_entries``). Each replica reads the stream in the background:
+from the start when it boots (catch-up, skipping expired entries), then
+blocking for new ones. Adding is idempotent by key, so a replica reading
+its own entries back changes nothing.
 
 Redis down: reads and appends fail, the index keeps what it has and grows
 with local entries only, and health says so; reading resumes where it
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.cache.guard import Features
 from proxy.cache.keys import PREFIX
 from proxy.cache.semantic_index import IndexEntry, SemanticIndex
 from proxy.health import Health, State
+from proxy.redis_connect import connect
 
 log = logging.getLogger("proxy.cache")
 
@@ -46,9 +47,9 @@ class SemanticFeed:
         self.block_ms = block_ms
         self.retry_s = retry_s
         # Two clients: the reader blocks on XREAD, and appends must not wait for it.
-        self._reader = Redis.from_url(redis_url, socket_connect_timeout=timeout_s * 20)
-        self._writer = Redis.from_url(redis_url, socket_connect_timeout=timeout_s * 20,
-                                      socket_timeout=timeout_s * 20)
+        self._reader = connect(redis_url, connect_timeout_s=timeout_s * 20)
+        self._writer = connect(redis_url, connect_timeout_s=timeout_s * 20,
+                               socket_timeout_s=timeout_s * 20)
         self._task: asyncio.Task[None] | None = None
         self.last_id = b"0-0"
         self.caught_up = False
@@ -82,6 +83,8 @@ class SemanticFeed:
                   b"v": vector.astype(np.float16).tobytes(),
                   b"f": orjson.dumps(entry.features.to_wire()),
                   b"e": str(int(entry.expires_at * 1000))}
+        if entry.check is not None:
+            fields[b"x"] = entry.check
         try:
             async with asyncio.timeout(self.timeout_s * 5):
                 await self._writer.xadd(STREAM, fields,  # type: ignore[arg-type]
@@ -146,7 +149,8 @@ class SemanticFeed:
             if vector.shape != (self.index.dims,):
                 raise ValueError("vector of another size")
             entry = IndexEntry(fields[b"k"].decode(), fields[b"c"].decode(),
-                               Features.from_wire(orjson.loads(fields[b"f"])), expires_at)
+                               Features.from_wire(orjson.loads(fields[b"f"])), expires_at,
+                               fields.get(b"x"))
         except (KeyError, ValueError, UnicodeDecodeError, orjson.JSONDecodeError):
             self.malformed += 1
             return

@@ -39,6 +39,9 @@ class IndexEntry:
     context: str
     features: Features
     expires_at: float  # epoch seconds (replicas share it, so wall clock)
+    # The verifier's float16 vector of the prompt (``proxy.cache.verifier``),
+    # when the replica that stored it runs one.
+    check: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

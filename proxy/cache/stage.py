@@ -72,6 +72,15 @@ class _Pending:
     prompts: int = 1  # legacy completions: the choices a whole answer has
 
 
+@dataclass(frozen=True, slots=True)
+class _WriteBack:
+    """A semantic hit's answer, to be kept under the request's own keys too."""
+
+    keys: list[str]
+    value: bytes
+    ttl_s: int
+
+
 class CacheStage(Stage):
     """Response cache (see the module docstring)."""
 
@@ -93,6 +102,7 @@ class CacheStage(Stage):
         self.stored = 0
         self.not_stored = 0
         self.refused = 0  # normalized hits whose answer quoted another prompt's ids
+        self.written_back = 0  # semantic hits copied under the request's own keys
 
     async def on_request(self, ctx: RequestContext) -> web.StreamResponse | None:
         canonical = ctx.canonical
@@ -129,8 +139,10 @@ class CacheStage(Stage):
                     return response
                 # Refused (its answer quotes another prompt's ids) or unreadable: not a
                 # hit, and the semantic tier may still answer.
-            if semantic is not None and (probe := semantic.probe(scope, canonical)) is not None:
-                answer = await self._semantic(ctx, semantic, probe, started_ns)
+            if semantic is not None and (probe := semantic.probe(
+                    scope, canonical, ctx.request.headers.get("Authorization"))) is not None:
+                answer = await self._semantic(ctx, semantic, probe, started_ns,
+                                              keys if directive.store else [], directive.ttl_s)
                 if answer is not None:
                     return answer
             else:
@@ -139,7 +151,7 @@ class CacheStage(Stage):
         ctx.response_headers[CACHE_HEADER] = "miss"
         if directive.store:
             if probe is None and semantic is not None:
-                probe = semantic.probe(scope, canonical)
+                probe = semantic.probe(scope, canonical, ctx.request.headers.get("Authorization"))
             endpoint = canonical.endpoint
             stream: ChatStreamAssembler | ResponsesStreamAssembler | TextStreamAssembler | None
             stream = None
@@ -202,12 +214,19 @@ class CacheStage(Stage):
         return None
 
     async def _semantic(self, ctx: RequestContext, semantic: SemanticTier, probe: Probe,
-                        started_ns: int) -> web.StreamResponse | None:
+                        started_ns: int, own_keys: list[str],
+                        ttl_s: int) -> web.StreamResponse | None:
         now = time.time()
         if now >= self._next_sweep:
             semantic.index.sweep(now)
             self._next_sweep = now + _SWEEP_EVERY_S
+        if probe.vector is None and not await semantic.embed(probe):
+            ctx.record_phase("cache", started_ns, time.time_ns(),
+                             **{"cache.result": "miss", "cache.semantic.outcome": "no_vector"})
+            return None
         looked = semantic.lookup(probe, ctx.canonical.model, now)
+        if looked.outcome == "verify":
+            looked = await semantic.verify(probe, looked)
         value = None
         if looked.outcome == "hit":
             found = await self.store.get([looked.key])
@@ -224,13 +243,23 @@ class CacheStage(Stage):
             attrs |= {"cache.similarity": round(looked.similarity, 4),
                       "cache.semantic.outcome": looked.outcome,
                       "cache.semantic.reason": looked.reason}
+        if looked.verified is not None:
+            attrs["cache.semantic.verified"] = round(looked.verified, 4)
         if value is not None:
             attrs["cache.tier"] = "semantic"
         ctx.record_phase("cache", started_ns, time.time_ns(), **attrs)
         if value is None:
             return None
         ctx.annotate("cache.similarity", round(looked.similarity, 4))
-        return self._serve(ctx, value, "semantic", looked.similarity)
+        response = self._serve(ctx, value, "semantic", looked.similarity)
+        if response is not None and own_keys:
+            # The same prompt again is then an exact hit: no embedding, no search.
+            # It lives no longer than the answer it copies.
+            # Written once the answer is on its way (on_settle), not before.
+            remaining = int(min(ttl_s, looked.expires_at - now))
+            if remaining > 0:
+                ctx.cache = _WriteBack(own_keys, value, remaining)
+        return response
 
     def _serve(self, ctx: RequestContext, value: bytes, tier: str,
                similarity: float | None = None) -> web.Response | None:
@@ -292,6 +321,10 @@ class CacheStage(Stage):
         if isinstance(pending, _EmbeddingsPending):
             await self._store_vectors(ctx, pending)
             return
+        if isinstance(pending, _WriteBack):
+            await self.store.put(pending.keys, pending.value, pending.ttl_s)
+            self.written_back += 1
+            return
         if not isinstance(pending, _Pending):
             return
         if _FALLBACK in ctx.attributes:
@@ -314,9 +347,10 @@ class CacheStage(Stage):
             return
         await self.store.put(pending.keys, value, pending.ttl_s)
         self.stored += 1
-        if pending.probe is not None and self.semantic is not None:
+        if (pending.probe is not None and self.semantic is not None
+                and await self.semantic.prepare(pending.probe)):
             entry = self.semantic.add(pending.probe, pending.keys[0], pending.ttl_s)
-            if self.feed is not None:
+            if self.feed is not None and pending.probe.vector is not None:
                 await self.feed.publish(entry, pending.probe.vector)
 
 

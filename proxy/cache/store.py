@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from proxy.breaker import Breaker
 from proxy.config import CacheConfig
 from proxy.health import Health, State
+from proxy.redis_connect import connect, resp_client_url
 from proxy.resp import RespClient
 
 log = logging.getLogger("proxy.cache")
@@ -96,8 +97,8 @@ class CacheStore:
         if cfg.redis_url:
             connect_s = cfg.timeout_ms / 1000 * 20
             self.redis = (RespClient(cfg.redis_url, connect_s)
-                          if cfg.redis_url.startswith(("redis://", "rediss://"))
-                          else Redis.from_url(cfg.redis_url, socket_connect_timeout=connect_s))
+                          if resp_client_url(cfg.redis_url)
+                          else connect(cfg.redis_url, connect_timeout_s=connect_s))
         self.timeout_s = cfg.timeout_ms / 1000
         self.local_ttl_s = cfg.ttl_s
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s,

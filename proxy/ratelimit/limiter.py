@@ -29,6 +29,7 @@ from proxy.ratelimit.decision import BucketState, Decision
 from proxy.ratelimit.policy import Charge
 from proxy.ratelimit.reserve import Reservations
 from proxy.ratelimit.scripts import LuaScript
+from proxy.redis_connect import connect, resp_client_url
 from proxy.resp import RespClient
 
 if TYPE_CHECKING:
@@ -383,11 +384,10 @@ def _client(cfg: RateLimitConfig) -> Redis | RedisCluster | RespClient | None:
         return None
     connect_s = cfg.timeout_ms / 1000 * 20
     if cfg.redis_cluster:
-        return RedisCluster.from_url(cfg.redis_url, socket_connect_timeout=connect_s)
-    if cfg.redis_url.startswith(("redis://", "rediss://")):
+        return connect(cfg.redis_url, cluster=True, connect_timeout_s=connect_s)
+    if resp_client_url(cfg.redis_url):
         return RespClient(cfg.redis_url, connect_s)
-    return Redis.from_url(cfg.redis_url, socket_connect_timeout=connect_s,
-                          health_check_interval=0)
+    return connect(cfg.redis_url, connect_timeout_s=connect_s, health_check_interval=0)
 
 
 def _denier(charges: list[Charge], states: list[BucketState]) -> Charge | None:

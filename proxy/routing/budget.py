@@ -57,6 +57,7 @@ from proxy.breaker import Breaker
 from proxy.config import BudgetConfig
 from proxy.context import Identity
 from proxy.health import Health, State
+from proxy.redis_connect import connect, resp_client_url
 from proxy.resp import RespClient
 from proxy.telemetry.instruments import Instruments, LabelValue
 
@@ -222,9 +223,9 @@ class BudgetBook:
         self._connect_s = self.timeout_s * 20
         if redis_url:
             self.redis = (RespClient(redis_url, self._connect_s)
-                          if redis_url.startswith(("redis://", "rediss://"))
-                          else Redis.from_url(redis_url, socket_connect_timeout=self._connect_s,
-                                              health_check_interval=0))
+                          if resp_client_url(redis_url)
+                          else connect(redis_url, connect_timeout_s=self._connect_s,
+                                       health_check_interval=0))
         self.breaker = Breaker(breaker_failures, breaker_reset_s,
                                trial_s=2 * self.timeout_s, name="budgets",
                                fallback="local spend only")
