@@ -1,4 +1,5 @@
-"""Command line: ``llm-sidecar serve | demo | warm | check-config | version``."""
+"""Command line: ``llm-sidecar serve | demo | warm | check-config | inject-webhook | wait-ready
+| version``."""
 
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ def _load(path: str | None) -> SidecarConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"llm-sidecar: invalid configuration ({len(exc.problems)} problem"
-              f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        _report(exc)
         raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def _report(exc: ConfigError, what: str = "configuration") -> None:
+    print(f"llm-sidecar: invalid {what} ({len(exc.problems)} problem"
+          f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -98,6 +103,59 @@ def _warm(args: argparse.Namespace) -> int:
     return 1 if tally.outcomes["failed"] or tally.outcomes["invalid"] else 0
 
 
+def _inject_webhook(args: argparse.Namespace) -> int:
+    import ssl
+
+    from proxy import logs
+    from proxy.inject.config import load_injector_config
+    from proxy.inject.server import TlsFiles, serve
+
+    try:
+        cfg = load_injector_config(args.config)
+    except ConfigError as exc:
+        _report(exc, "injector configuration")
+        return EXIT_BAD_CONFIG
+    tls = None
+    if args.tls_cert is not None:
+        try:
+            tls = TlsFiles(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"llm-sidecar inject-webhook: cannot load the TLS certificate and key: {exc}",
+                  file=sys.stderr)
+            return EXIT_BAD_CONFIG
+    logs.configure(args.log_level, args.log_format)
+    run(serve(cfg, args.host, args.port, tls))
+    return 0
+
+
+def _wait_ready(args: argparse.Namespace) -> int:
+    import time
+    import urllib.error
+    import urllib.request
+
+    # No proxy: the URL is the pod's own loopback, whatever HTTP_PROXY says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + args.timeout
+    last = "no answer"
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with opener.open(args.url, timeout=max(0.2, min(2.0, remaining))) as resp:
+                if resp.status == 200:
+                    return 0
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() + args.interval >= deadline:
+            break
+        time.sleep(args.interval)
+    print(f"llm-sidecar wait-ready: {args.url} not ready after {args.timeout:g}s ({last})",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``llm-sidecar`` console script."""
     parser = argparse.ArgumentParser(
@@ -141,8 +199,32 @@ def main(argv: list[str] | None = None) -> None:
                    "OPENAI_API_KEY; never pass a key on the command line)")
     p.set_defaults(func=_warm)
 
+    p = sub.add_parser(
+        "inject-webhook", help="serve the Kubernetes admission webhook that injects the sidecar",
+        description="Mutating admission webhook: POST /mutate (AdmissionReview v1), GET /healthz, "
+        "GET /readyz. The certificate and key are re-read when the files change.")
+    p.add_argument("--config", "-c", required=True, help="injector YAML (injector.yaml)")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain); without it "
+                   "the webhook serves plain HTTP, which only tests can use")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8443, help="listen port (default 8443)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
+    p.set_defaults(func=_inject_webhook)
+
+    p = sub.add_parser(
+        "wait-ready", help="wait until a URL answers 200 (the classic sidecar's postStart hook)")
+    p.add_argument("--url", required=True, help="URL to poll, e.g. http://127.0.0.1:8081/readyz")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many "
+                   "seconds (exit status 1)")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between attempts")
+    p.set_defaults(func=_wait_ready)
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=lambda _a: print(__version__) or 0)
 
     args = parser.parse_args(argv)
+    if args.command == "inject-webhook" and (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("inject-webhook: --tls-cert and --tls-key go together")
     raise SystemExit(args.func(args))

@@ -1,4 +1,4 @@
-"""The Grafana dashboards in deploy/helm/dashboards, checked against a real Prometheus.
+"""The Grafana dashboards in deploy/helm/llm-sidecar/dashboards, checked against a real Prometheus.
 
 A sidecar with its Prometheus listener serves a known workload (two chat
 models, a stream, embeddings, an upstream 500 and an upstream disconnect,
@@ -53,7 +53,8 @@ from proxy.config import (
 from tests.conftest import Mock, SidecarFactory
 from tests.redis_server import RedisServer
 
-DASHBOARDS = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "dashboards"
+DASHBOARDS = (Path(__file__).resolve().parent.parent
+              / "deploy" / "helm" / "llm-sidecar" / "dashboards")
 EXPECTED_UIDS = {"llm-sidecar-overview.json": "llm-sidecar-overview",
                  "llm-sidecar-ratelimits.json": "llm-sidecar-ratelimits",
                  "llm-sidecar-cache.json": "llm-sidecar-cache",
