@@ -372,8 +372,8 @@ def report(r: dict[str, Any], command: str) -> str:
         "guitar\" / \"... a flute\") differ in ordinary words that no lexical guard can "
         "weigh; the static embedder rates them as close as true paraphrases. On agent-style "
         "prompts the guard removes every number, negation, quote and entity difference; what "
-        "remains are identifiers written as plain words (listed below). Hence the tier ships "
-        "off by default.",
+        "remains are identifiers written as plain words (listed below). The verifier (below) "
+        "sees those words, at a large cost in recall; the tier ships off by default.",
         "",
     ]
     names = {"stsb_train_dev": "STS-B train+dev (tuning)", "stsb_test": "STS-B test (held out)",
