@@ -44,11 +44,12 @@ async def running(app: web.Application, cfg: SidecarConfig,
 log = logging.getLogger("proxy.server")
 
 
-class HealthListener:
-    """A second listener serving only the probe routes it is given (``server.health_port``).
+class SideListener:
+    """A second listener serving only the routes it is given, on its own port.
 
-    The proxy port stays on loopback while kubelet probes the pod IP, so no
-    /v1 route is reachable from outside the pod through this port.
+    The proxy port stays on loopback while kubelet probes and Prometheus
+    reach the pod IP, so no /v1 route is reachable from outside the pod
+    through such a port.
     """
 
     def __init__(self, routes: Iterable[web.RouteDef], host: str, port: int) -> None:
@@ -74,6 +75,10 @@ class HealthListener:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class HealthListener(SideListener):
+    """The probe routes on ``server.health_port``."""
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from proxy.inject.config import OTEL_RESOURCE_ATTRIBUTES, InjectorConfig, thaw
+from proxy.inject.config import OTEL_RESOURCE_ATTRIBUTES, InjectorConfig, kind_of, thaw
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -378,14 +378,4 @@ def _warning(text: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    return "a number" if isinstance(value, int | float) else type(value).__name__
+    return kind_of(value, "an object", "an array")

@@ -135,7 +135,7 @@ def parse_injector_config(data: Any, source: str = "<injector config>") -> Injec
     problems: list[str] = []
     if not isinstance(data, Mapping):
         raise InjectorConfigError(
-            [f"{source}: must be a mapping with a `sidecar` section, got {_kind(data)}"])
+            [f"{source}: must be a mapping with a `sidecar` section, got {kind_of(data)}"])
     _unknown_keys(data, _TOP_KEYS, "", problems)
     sidecar = _sidecar(data.get("sidecar"), problems)
     base_url_env = _base_url_env(data.get("baseUrlEnv", list(DEFAULT_BASE_URL_ENV)), problems)
@@ -149,7 +149,7 @@ def _sidecar(raw: Any, problems: list[str]) -> SidecarSettings | None:
         problems.append("sidecar: required (the container to inject)")
         return None
     if not isinstance(raw, Mapping):
-        problems.append(f"sidecar: must be a mapping, got {_kind(raw)}")
+        problems.append(f"sidecar: must be a mapping, got {kind_of(raw)}")
         return None
     _unknown_keys(raw, _SIDECAR_KEYS, "sidecar.", problems)
     name = _string(raw, "name", "llm-sidecar", problems)
@@ -198,7 +198,7 @@ def _string(raw: Mapping[str, Any], key: str, default: str | None,
         problems.append(f"sidecar.{key}: required")
         return None
     if not isinstance(value, str):
-        problems.append(f"sidecar.{key}: must be a string, got {_kind(value)} {value!r}")
+        problems.append(f"sidecar.{key}: must be a string, got {kind_of(value)} {value!r}")
         return None
     return value
 
@@ -220,14 +220,14 @@ def _env(raw: Any, problems: list[str]) -> tuple[Mapping[str, Any], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        problems.append(f"sidecar.env: must be a list of EnvVar objects, got {_kind(raw)}")
+        problems.append(f"sidecar.env: must be a list of EnvVar objects, got {kind_of(raw)}")
         return ()
     seen: set[str] = set()
     for i, var in enumerate(raw):
         where = f"sidecar.env[{i}]"
         if not isinstance(var, Mapping):
             problems.append(f"{where}: must be an EnvVar mapping (name, value or valueFrom), "
-                            f"got {_kind(var)}")
+                            f"got {kind_of(var)}")
             continue
         _unknown_keys(var, ("name", "value", "valueFrom"), where + ".", problems)
         name = var.get("name")
@@ -245,7 +245,7 @@ def _env(raw: Any, problems: list[str]) -> tuple[Mapping[str, Any], ...]:
             problems.append(f"{where}: has both value and valueFrom")
         if value is not None and not isinstance(value, str):
             problems.append(f"{where}.value: must be a string (quote it in YAML), "
-                            f"got {_kind(value)} {value!r}")
+                            f"got {kind_of(value)} {value!r}")
         if source is not None:
             if not isinstance(source, Mapping) or len(source) != 1 or next(
                     iter(source)) not in _ENV_SOURCES:
@@ -261,7 +261,7 @@ def _resources(raw: Any, problems: list[str]) -> Mapping[str, Any] | None:
     if raw is None or raw == {}:
         return None
     if not isinstance(raw, Mapping):
-        problems.append(f"sidecar.resources: must be a mapping, got {_kind(raw)}")
+        problems.append(f"sidecar.resources: must be a mapping, got {kind_of(raw)}")
         return None
     _unknown_keys(raw, _RESOURCE_KEYS, "sidecar.resources.", problems)
     for section in ("requests", "limits"):
@@ -270,7 +270,7 @@ def _resources(raw: Any, problems: list[str]) -> Mapping[str, Any] | None:
             continue
         if not isinstance(amounts, Mapping):
             problems.append(f"sidecar.resources.{section}: must be a mapping of resource "
-                            f"name to quantity, got {_kind(amounts)}")
+                            f"name to quantity, got {kind_of(amounts)}")
             continue
         for res, qty in amounts.items():
             if (isinstance(qty, bool) or not isinstance(qty, int | float | str)
@@ -285,7 +285,7 @@ def _security_context(raw: Any, problems: list[str]) -> Mapping[str, Any] | None
     if raw is None or raw == {}:
         return None
     if not isinstance(raw, Mapping):
-        problems.append(f"sidecar.securityContext: must be a mapping, got {_kind(raw)}")
+        problems.append(f"sidecar.securityContext: must be a mapping, got {kind_of(raw)}")
         return None
     _unknown_keys(raw, _SECURITY_CONTEXT_KEYS, "sidecar.securityContext.", problems)
     frozen: Mapping[str, Any] = freeze(raw)
@@ -296,7 +296,7 @@ def _base_url_env(raw: Any, problems: list[str]) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        problems.append(f"baseUrlEnv: must be a list of variable names, got {_kind(raw)}")
+        problems.append(f"baseUrlEnv: must be a list of variable names, got {kind_of(raw)}")
         return ()
     names: list[str] = []
     for i, name in enumerate(raw):
@@ -320,7 +320,8 @@ def _unknown_keys(data: Mapping[Any, Any], known: Sequence[str], prefix: str,
         problems.append(f"{prefix}{key}: unknown key{hint}")
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any, mapping: str = "a mapping", array: str = "a list") -> str:
+    """How an error names a value's type (YAML words by default; JSON's on request)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -330,7 +331,7 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
-        return "a list"
+        return array
     if isinstance(value, Mapping):
-        return "a mapping"
+        return mapping
     return type(value).__name__

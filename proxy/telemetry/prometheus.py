@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.sdk.metrics.export import Gauge, Histogram, Metric, MetricsData, Sum
 
+from proxy.server import SideListener
 from proxy.telemetry.instruments import Instruments
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,7 +120,7 @@ def render(data: MetricsData) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-class MetricsServer:
+class MetricsServer(SideListener):
     """A separate listener for ``GET /metrics``.
 
     The proxy listens on loopback; Prometheus scrapes the pod's address, so
@@ -128,28 +129,12 @@ class MetricsServer:
 
     def __init__(self, instruments: Instruments, host: str, port: int) -> None:
         self.instruments = instruments
-        self.host = host
-        self.port = port
-        self.url: str | None = None
-        self._runner: web.AppRunner | None = None
+        super().__init__([web.get("/metrics", self._metrics)], host, port)
 
     async def start(self) -> str:
         """Listen; returns the scrape URL."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        host, port = self._runner.addresses[0][:2]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{port}/metrics"
+        self.url = await super().start() + "/metrics"
         return self.url
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # A snapshot of a few dicts: taken on the loop, so it is consistent.
