@@ -7,6 +7,7 @@ them with the synchronous openai SDK, or with the async SDK on their own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
@@ -187,12 +188,9 @@ class Scripted:
         return web.json_response(doc)
 
 
-@pytest.fixture(scope="module")
-def scripted(loop_thread: LoopThread) -> Iterator[Scripted]:
-    """A scripted upstream on a loopback port (``doc`` may be a function of the request)."""
-    upstream = Scripted()
-    app = web.Application()
-    app.router.add_post("/v1/{tail:.*}", upstream.handle)
+@contextlib.contextmanager
+def serving(loop_thread: LoopThread, app: web.Application) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port while open; yields its ``/v1`` base URL."""
     runner = web.AppRunner(app)
 
     async def start() -> str:
@@ -200,6 +198,18 @@ def scripted(loop_thread: LoopThread) -> Iterator[Scripted]:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
-    upstream.url = loop_thread.call(start())
-    yield upstream
-    loop_thread.call(runner.cleanup())
+    try:
+        yield loop_thread.call(start())
+    finally:
+        loop_thread.call(runner.cleanup())
+
+
+@pytest.fixture(scope="module")
+def scripted(loop_thread: LoopThread) -> Iterator[Scripted]:
+    """A scripted upstream on a loopback port (``doc`` may be a function of the request)."""
+    upstream = Scripted()
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", upstream.handle)
+    with serving(loop_thread, app) as url:
+        upstream.url = url
+        yield upstream

@@ -22,7 +22,15 @@ from proxy.cache.embedder import StaticEmbedder
 from proxy.cache.remote_embedder import UpstreamEmbedder
 from proxy.config import CacheConfig, ConfigError, UpstreamConfig, load_config
 from proxy.upstream import Upstream
-from tests.conftest import LoopThread, Mock, SidecarFactory, UpstreamCalls, sdk, settled
+from tests.conftest import (
+    LoopThread,
+    Mock,
+    SidecarFactory,
+    UpstreamCalls,
+    sdk,
+    serving,
+    settled,
+)
 from tests.test_cache_semantic_e2e import SEMANTIC, _ask
 
 
@@ -62,16 +70,9 @@ def embeddings(loop_thread: LoopThread) -> Iterator[Embeddings]:
 
     app = web.Application()
     app.router.add_post("/v1/embeddings", handle)
-    runner = web.AppRunner(app)
-
-    async def start() -> str:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-
-    state.url = loop_thread.call(start())
-    yield state
-    loop_thread.call(runner.cleanup())
+    with serving(loop_thread, app) as url:
+        state.url = url
+        yield state
 
 
 @pytest.fixture

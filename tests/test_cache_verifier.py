@@ -111,6 +111,19 @@ def test_verifier_refuses_what_guard_and_static_embedder_accept(
     assert upstream.calls == 2
 
 
+def _store_then_ask(sidecars: SidecarFactory, storer: str, asker: str, stored: str,
+                    asked: str) -> Any:
+    """``stored`` answered through ``storer``; once ``asker`` has indexed it, ask ``asked``."""
+    with sdk(storer) as a:
+        _ask(a, stored)
+        settled(sidecars, storer)
+    key = _only_key(_stage(sidecars, storer))
+    feed = _stage(sidecars, asker).feed
+    assert feed is not None and sidecars.lt.call(feed.wait_until(key))
+    with sdk(asker) as b:
+        return _ask(b, asked)
+
+
 def test_candidates_without_a_verifier_vector_are_refused(
         sidecars: SidecarFactory, redis_server: RedisServer, mock: Mock) -> None:
     """A replica without the verifier shares entries; a verifying replica will not trust them."""
@@ -119,14 +132,8 @@ def test_candidates_without_a_verifier_vector_are_refused(
     checking = sidecars.start(cache=CacheConfig(
         redis_url=redis_server.url, semantic=True, semantic_verifier="minilm-l6"))
     upstream = UpstreamCalls(mock)
-    with sdk(plain) as a:
-        _ask(a, "How do I rotate my API key?")
-        settled(sidecars, plain)
-    key = _only_key(_stage(sidecars, plain))
-    feed = _stage(sidecars, checking).feed
-    assert feed is not None and sidecars.lt.call(feed.wait_until(key))
-    with sdk(checking) as b:
-        other = _ask(b, "How can I rotate my API key?")
+    other = _store_then_ask(sidecars, plain, checking, "How do I rotate my API key?",
+                            "How can I rotate my API key?")
     assert other.headers["x-sidecar-cache"] == "miss"
     assert upstream.calls == 2
 
@@ -136,14 +143,8 @@ def test_verifier_vector_travels_to_other_replicas(
     cfg = CacheConfig(redis_url=redis_server.url, semantic=True, semantic_verifier="minilm-l6")
     first, second = sidecars.start(cache=cfg), sidecars.start(cache=cfg)
     upstream = UpstreamCalls(mock)
-    with sdk(first) as a:
-        _ask(a, "Where do I find my billing history?")
-        settled(sidecars, first)
-    key = _only_key(_stage(sidecars, first))
-    feed = _stage(sidecars, second).feed
-    assert feed is not None and sidecars.lt.call(feed.wait_until(key))
-    with sdk(second) as b:
-        hit = _ask(b, "Where can I find my billing history?")
+    hit = _store_then_ask(sidecars, first, second, "Where do I find my billing history?",
+                          "Where can I find my billing history?")
     assert SEMANTIC.fullmatch(hit.headers["x-sidecar-cache"])
     assert upstream.calls == 1
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -44,6 +44,15 @@ def digest(scope: str, endpoint: str, body: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+class RequestKeys(NamedTuple):
+    """A request's cache keys, and its chat messages as the normalized key saw them."""
+
+    exact: str
+    normal: str | None
+    # Kept so the semantic tier's context reuses them instead of normalizing again.
+    messages: list[Any] | None = None
+
+
 class KeyBuilder:
     """Builds a request's exact key and, with a normalizer, its normalized key."""
 
@@ -51,30 +60,32 @@ class KeyBuilder:
         self.normalizer = normalizer
         self._signature = normalizer.signature if normalizer is not None else ""
 
-    def keys(self, scope: str, canonical: CanonicalRequest) -> tuple[str, str | None]:
-        """(exact key, normalized key or None)."""
+    def keys(self, scope: str, canonical: CanonicalRequest) -> RequestKeys:
+        """The exact key, the normalized key (or None) and the normalized messages."""
         # A stored response can be chained from; one the upstream did not store cannot.
         skip = NOT_IN_KEY - {"store"} if canonical.endpoint is Endpoint.RESPONSES else NOT_IN_KEY
         body = {k: v for k, v in canonical.body.items() if k not in skip}
         endpoint = canonical.endpoint.value
         exact = PREFIX + "x:" + digest(scope, endpoint, body)
         if self.normalizer is None:
-            return exact, None
+            return RequestKeys(exact, None)
         normal = dict(body)
         if canonical.endpoint is Endpoint.COMPLETIONS:
             # A legacy prompt is continued as written: its ending and line breaks
             # stay (``normalize_continued``). Token ids, and an infill (``suffix``:
             # a cursor in a document, nearly always code), are exact only.
             if body.get("suffix") is not None:
-                return exact, None
+                return RequestKeys(exact, None)
             prompt = self.normalizer.normalize_prompt(body.get("prompt"))
             if prompt is None:
-                return exact, None
+                return RequestKeys(exact, None)
             normal["prompt"] = prompt
         else:
             messages = body.get("messages")
             if messages is None:
-                return exact, None
+                return RequestKeys(exact, None)
             normal["messages"] = self.normalizer.normalize_messages(messages)
         # Entries normalized another way (other settings, an older version) never match.
-        return exact, PREFIX + "n:" + digest(scope + "\x00" + self._signature, endpoint, normal)
+        normal_key = PREFIX + "n:" + digest(scope + "\x00" + self._signature, endpoint, normal)
+        messages = normal.get("messages")
+        return RequestKeys(exact, normal_key, messages if isinstance(messages, list) else None)

@@ -108,11 +108,13 @@ class SemanticTier:
         self._namespace = "\x00semantic\x00" + embedder.name + (
             "\x00" + normalizer.signature if normalizer is not None else "")
 
-    def probe(self, scope: str, canonical: CanonicalRequest,
-              authorization: str | None = None) -> Probe | None:
+    def probe(self, scope: str, canonical: CanonicalRequest, authorization: str | None = None,
+              normalized: list[Any] | None = None) -> Probe | None:
         """The request's context and embedded last turn, or None if it cannot take part.
 
-        With a remote embedder the vector is not there yet: :meth:`embed` fetches it.
+        ``normalized``: the request's messages as this tier's normalizer already
+        rewrote them (``RequestKeys.messages``), to skip doing it again. With a
+        remote embedder the vector is not there yet: :meth:`embed` fetches it.
         """
         if canonical.endpoint is not Endpoint.CHAT:
             return None
@@ -133,7 +135,8 @@ class SemanticTier:
             # stamps the time or a request id into its system prompt still
             # meets its earlier requests. The namespace holds the normalizer's
             # signature, so differently configured replicas never mix.
-            earlier = normalizer.normalize_messages(earlier)
+            earlier = (normalized[:-1] if normalized is not None
+                       else normalizer.normalize_messages(earlier))
             text = normalizer.mask_volatile(text)
         body["messages"] = [*earlier, {k: v for k, v in last.items() if k != "content"}]
         context = PREFIX + "c:" + digest(scope + self._namespace, canonical.endpoint.value, body)

@@ -120,7 +120,7 @@ class CacheStage(Stage):
             "" if self.share_tenants or ident is None else "/" + ident.tenant)
         if canonical.endpoint is Endpoint.EMBEDDINGS:
             return await self._embeddings(ctx, directive, scope)
-        exact, normal = self.keys.keys(scope, canonical)
+        exact, normal, normalized = self.keys.keys(scope, canonical)
         keys = [exact] if normal is None else [exact, normal]
         semantic = self.semantic
         # Embedded only when needed: an exact or normalized hit never pays for it.
@@ -140,7 +140,8 @@ class CacheStage(Stage):
                 # Refused (its answer quotes another prompt's ids) or unreadable: not a
                 # hit, and the semantic tier may still answer.
             if semantic is not None and (probe := semantic.probe(
-                    scope, canonical, ctx.request.headers.get("Authorization"))) is not None:
+                    scope, canonical, ctx.request.headers.get("Authorization"),
+                    normalized)) is not None:
                 answer = await self._semantic(ctx, semantic, probe, started_ns,
                                               keys if directive.store else [], directive.ttl_s)
                 if answer is not None:
@@ -151,7 +152,8 @@ class CacheStage(Stage):
         ctx.response_headers[CACHE_HEADER] = "miss"
         if directive.store:
             if probe is None and semantic is not None:
-                probe = semantic.probe(scope, canonical, ctx.request.headers.get("Authorization"))
+                probe = semantic.probe(scope, canonical,
+                                       ctx.request.headers.get("Authorization"), normalized)
             endpoint = canonical.endpoint
             stream: ChatStreamAssembler | ResponsesStreamAssembler | TextStreamAssembler | None
             stream = None
